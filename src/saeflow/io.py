@@ -1,0 +1,120 @@
+"""Atomic writes, manifests and hashing shared by every stage.
+
+Every output is written under a temporary sibling name and renamed into place, so a killed job
+never leaves a file that could pass for a result, and an earlier result is only replaced once the
+new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory; swap it in for `path` (replacing any old one) on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def dumps_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, so the same content gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, indent=2, default=_json_default) + "\n"
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write canonical JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(dumps_json(obj))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of JSON-able config slices (and input fingerprints)."""
+    blob = json.dumps(parts, sort_keys=True, default=_json_default).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write `manifest.json` last: its presence marks the directory as complete."""
+    path = Path(directory) / MANIFEST
+    write_json(path, manifest)
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read a sharded output's manifest; a directory without one is incomplete."""
+    directory = Path(directory)
+    if directory.name == MANIFEST:
+        directory = directory.parent
+    path = directory / MANIFEST
+    if not path.exists():
+        from saeflow.errors import DataError
+
+        raise DataError(f"{directory}: no {MANIFEST}, so the output is incomplete (rerun its rule)")
+    return read_json(path)
+
+
+def shard_name(index: int, ext: str) -> str:
+    return f"part-{index:05d}.{ext}"
