@@ -1,0 +1,19 @@
+"""Snakemake entry point: fetch one configured dataset into results/data/{dataset}.parquet."""
+
+from pathlib import Path
+
+from saeflow.data import fetch_dataset
+from saeflow.utils import log_to, seed_everything
+
+snakemake = globals()["snakemake"]
+log_to(snakemake.log[0] if snakemake.log else None)
+seed_everything(int(snakemake.params.seed))
+corpus = snakemake.input.get("corpus")
+fetch_dataset(
+    snakemake.params.name,
+    dict(snakemake.params.spec),
+    snakemake.output[0],
+    config_dir=snakemake.params.config_dir,
+    organism_corpus_dir=Path(corpus).parent if corpus else None,
+    seed=int(snakemake.params.seed),
+)
