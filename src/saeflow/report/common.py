@@ -1,0 +1,264 @@
+"""The page shell shared by every report: escaping, safe JSON embedding and plotly.js shipping.
+
+Pages are static files that must open from disk with no network, so plotly.js is copied once next
+to them (`plotly.min.js`) and referenced by a relative `<script src>`. Dataset text is untrusted:
+everything that reaches HTML is escaped here, and everything that reaches a Plotly label is
+escaped for Plotly's own pseudo-HTML (which decodes `&lt;`, `&gt;`, `&amp;` and numeric entities).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import os
+import re
+import shutil
+import textwrap
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from saeflow.io import atomic_path
+
+PLOTLY_JS = "plotly.min.js"
+PLOT_ID = "plot"
+
+# Tags that Plotly renders in hover text and that the producers of hover strings may use.
+_ALLOWED_HOVER_TAGS = re.compile(r"(</?b>|</?i>|<br\s*/?>)", re.IGNORECASE)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def esc(text: Any) -> str:
+    """Escape text for HTML element content or a quoted attribute."""
+    return html.escape(str(text), quote=True)
+
+
+def esc_label(text: Any) -> str:
+    """Escape text for a Plotly label, legend, tick or hover string.
+
+    Plotly decodes `&lt;`/`&gt;`/`&amp;` and numeric entities but not `&quot;`, so quotes stay
+    literal. `$` becomes `&#36;` so that a label with two dollars is not handed to MathJax.
+    """
+    return html.escape(str(text), quote=False).replace("$", "&#36;")
+
+
+def sanitize_hover(text: Any) -> str:
+    """Make an already-escaped hover string safe even if its producer forgot to escape.
+
+    `<b>`, `<i>` and `<br>` are kept; any other `<` or `>` is escaped. Entities are left alone, so
+    a correctly escaped string passes through unchanged.
+    """
+    parts = _ALLOWED_HOVER_TAGS.split(str(text))
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(part.lower().replace(" ", "").replace("/>", ">"))
+        else:
+            out.append(part.replace("<", "&lt;").replace(">", "&gt;").replace("$", "&#36;"))
+    return "".join(out)
+
+
+def hover_to_text(hover: str) -> str:
+    """Plain text of a hover string (tags dropped, entities decoded), for word search."""
+    return html.unescape(_TAG.sub(" ", hover.replace("<br>", "\n")))
+
+
+def wrap_label(text: Any, width: int = 60, max_lines: int = 12) -> str:
+    """Escape and wrap long text for a hover box (Plotly does not wrap by itself)."""
+    lines: list[str] = []
+    for para in str(text).splitlines() or [""]:
+        lines.extend(textwrap.wrap(para, width) or [""])
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + ["…"]
+    return "<br>".join(esc_label(line) for line in lines)
+
+
+def token_label(token: Any) -> str:
+    """Escaped, visible form of a decoded token (whitespace made visible)."""
+    tok = str(token).replace("\n", "\\n").replace("\t", "\\t")
+    if tok.strip() == "":
+        tok = tok.replace(" ", "␣") or "∅"
+    return esc_label(tok)
+
+
+def fmt_num(value: Any, digits: int = 4) -> str:
+    """Short human form of a number; missing values show as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(value):
+        return "—"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def round_list(values: Iterable[Any], digits: int = 6) -> list[float | None]:
+    """Floats rounded to `digits` significant digits (NaN -> null) to keep pages small."""
+    out: list[float | None] = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        f = float(v)
+        out.append(None if not math.isfinite(f) else float(f"{f:.{digits}g}"))
+    return out
+
+
+def safe_json(obj: Any) -> str:
+    """Canonical JSON that can sit inside a <script> element.
+
+    `<`, `>` and `&` only ever occur inside JSON strings, where the `\\uXXXX` forms are equivalent,
+    so `</script>` in dataset text can never close the element.
+    """
+    from plotly.utils import PlotlyJSONEncoder
+
+    text = json.dumps(obj, sort_keys=True, cls=PlotlyJSONEncoder, ensure_ascii=False)
+    return (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def figure_json(fig: Any) -> dict[str, Any]:
+    """Plain dict of a plotly Figure (or dict) with a page-friendly config."""
+    fig_dict = fig.to_plotly_json() if hasattr(fig, "to_plotly_json") else dict(fig)
+    return {
+        "data": fig_dict.get("data", []),
+        "layout": fig_dict.get("layout", {}),
+        "config": {"displaylogo": False, "responsive": True},
+    }
+
+
+def _asset(name: str) -> str:
+    return resources.files("saeflow.report").joinpath(name).read_text(encoding="utf-8")
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 1.5em;
+       color: #222; }
+header { border-bottom: 1px solid #ddd; padding: 0.6em 0; }
+header a { font-size: 0.9em; }
+h1 { font-size: 1.35em; margin: 0.3em 0; }
+.subtitle { color: #555; margin: 0.2em 0; }
+.controls { margin: 0.6em 0; display: flex; gap: 1.2em; flex-wrap: wrap; align-items: center; }
+.controls label { font-size: 0.9em; }
+.plot { width: 100%; height: 78vh; min-height: 420px; }
+table.data { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+table.data th, table.data td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+table.data th:first-child, table.data td:first-child { text-align: left; }
+pre.config { background: #f6f8fa; padding: 0.8em; overflow: auto; font-size: 0.85em; }
+.note { color: #555; font-size: 0.9em; }
+#plotly-missing { color: #b00; font-weight: bold; }
+"""
+
+
+def render_page(
+    title: str,
+    *,
+    subtitle: str = "",
+    body_html: str = "",
+    figure: Any | None = None,
+    extra: dict[str, Any] | None = None,
+    script: str | None = None,
+    after_plot_html: str = "",
+    index_href: str | None = "index.html",
+) -> str:
+    """Whole HTML document: header, optional controls/body, the graph and the page script.
+
+    `title`/`subtitle` are plain text (escaped here); `body_html` and `after_plot_html` must
+    already be safe HTML. `extra` is handed to `script` as the global `EXTRA`.
+    """
+    head_script = f'<script charset="utf-8" src="{PLOTLY_JS}"></script>\n' if figure else ""
+    back = f'<a href="{esc(index_href)}">&larr; all reports</a>\n' if index_href else ""
+    sub = f'<p class="subtitle">{esc(subtitle)}</p>\n' if subtitle else ""
+    parts = [
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        '<meta name="referrer" content="no-referrer">\n',
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n{head_script}</head>\n<body>\n",
+        f"<header>\n{back}<h1>{esc(title)}</h1>\n{sub}</header>\n",
+        body_html,
+    ]
+    if figure is not None:
+        parts.append(f'\n<div id="{PLOT_ID}" class="plot"></div>\n')
+        parts.append(after_plot_html)
+        parts.append(
+            f"<script>\nvar FIG = {safe_json(figure_json(figure))};\n"
+            f"var EXTRA = {safe_json(extra or {})};\n</script>\n"
+        )
+        page_js = script if script is not None else "saeflowPlot(FIG);"
+        parts.append(f"<script>\n{_asset('common.js')}\n{page_js}\n</script>\n")
+    else:
+        parts.append(after_plot_html)
+    parts.append("</body>\n</html>\n")
+    return "".join(parts)
+
+
+def plotlyjs_source() -> Path:
+    """The plotly.min.js bundled with the installed plotly package (matches its JSON schema)."""
+    import plotly
+
+    path = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
+    if not path.exists():
+        from saeflow.errors import DataError
+
+        raise DataError(f"{path}: plotly.min.js not found in the installed plotly package")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ensure_plotlyjs(directory: str | os.PathLike) -> Path:
+    """Copy plotly.min.js into `directory` once; idempotent and atomic under concurrent jobs.
+
+    Several report jobs may run at once: each copies to its own temporary name and renames, so
+    the file is always either absent or complete, and an identical file is left untouched.
+    """
+    src = plotlyjs_source()
+    dest = Path(directory) / PLOTLY_JS
+    if (
+        dest.exists()
+        and dest.stat().st_size == src.stat().st_size
+        and _sha256(dest) == _sha256(src)
+    ):
+        return dest
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+    return dest
+
+
+def write_page(path: str | os.PathLike, page_html: str, *, ship_plotlyjs: bool = True) -> Path:
+    """Write a page atomically and make sure plotly.min.js sits next to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ship_plotlyjs:
+        ensure_plotlyjs(path.parent)
+    with atomic_path(path) as tmp:
+        tmp.write_text(page_html, encoding="utf-8")
+    return path
+
+
+def html_table(header: list[str], rows: list[list[Any]], *, css_class: str = "data") -> str:
+    """An escaped HTML table (every cell is plain text)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>\n" for row in rows)
+    return (
+        f'<table class="{css_class}">\n<thead><tr>{head}</tr></thead>\n'
+        f"<tbody>\n{body}</tbody>\n</table>\n"
+    )
