@@ -1,0 +1,478 @@
+"""Cache one layer's residual activations (resid_post of block L) to resumable shards.
+
+Layout of `out_dir` (= results/activations/{model}/{dataset}/layer_{L}/):
+  part-NNNNN.parquet  columns seq_id int32, pos int32, act fixed_size_binary(itemsize*d): the raw
+                      row bytes (bf16 on CUDA, fp32 on CPU). One binary column reads and writes
+                      ~10x faster than fixed_size_list<halffloat>.
+  part-NNNNN.pt       or: torch.save({"seq_id", "pos", "act"}) tensors, read with weights_only.
+  .progress.json      finished shards under the config hash that made them, so a killed job resumes
+  manifest.json       written last; Snakemake declares only this file, so shards survive a kill.
+
+The shard plan depends only on the tokens file and `shard_tokens` (consecutive runs of whole
+sequences), and batches never cross shards, so a resumed run writes the same bytes as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from saeflow import io as sio
+from saeflow.errors import ConfigError, DataError
+from saeflow.models import capture_layer, load_lm, resolve_device, resolve_dtype
+from saeflow.utils import seed_everything
+
+log = logging.getLogger("saeflow.activations")
+
+FORMATS = ("parquet", "pt")
+PROGRESS = ".progress.json"
+HOOK = "resid_post"
+# Seconds to sleep after each finished shard: lets the kill test catch a run between shards.
+TEST_DELAY_ENV = "SAEFLOW_TEST_SHARD_DELAY"
+_FULL_HASH_LIMIT = 1 << 30
+_STORE_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_shards(lengths: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of consecutive whole sequences holding <= shard_tokens tokens.
+
+    A sequence longer than shard_tokens gets a shard of its own; an empty sequence never starts
+    a shard, so no shard is empty unless the whole file is.
+    """
+    shards: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > start and n > 0 and total + n > shard_tokens:
+            shards.append((start, i))
+            start, total = i, 0
+        total += n
+    if len(lengths) > start:
+        shards.append((start, len(lengths)))
+    return shards
+
+
+def _read_tokens(tokens_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """seq_ids (S,), token offsets (S+1,) and flat token ids from the tokens parquet."""
+    try:
+        table = pq.read_table(tokens_path, columns=["seq_id", "token_ids"])
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise DataError(f"{tokens_path}: cannot read columns seq_id, token_ids ({e})") from e
+    seq_ids = table.column("seq_id").to_numpy().astype(np.int32)
+    tokens = table.column("token_ids").combine_chunks()
+    if tokens.null_count:
+        raise DataError(f"{tokens_path}: token_ids has null rows")
+    offsets = tokens.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    flat = tokens.values.to_numpy(zero_copy_only=False).astype(np.int64)[: offsets[-1]]
+    return seq_ids, offsets, flat
+
+
+def _model_fingerprint(path: str, revision: str | None) -> dict[str, Any]:
+    """Identify the weights, so a retrained model in the same folder invalidates old shards.
+
+    Local folders hash config.json and the weight files (contents when they total <= 1 GiB,
+    otherwise names, sizes and safetensors headers); hub names rely on name + revision.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return {"hub": path, "revision": revision}
+    weights = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")
+    )
+    h = hashlib.sha256()
+    config = folder / "config.json"
+    if config.exists():
+        h.update(config.read_bytes())
+    full = sum(p.stat().st_size for p in weights) <= _FULL_HASH_LIMIT
+    for p in weights:
+        h.update(f"{p.name}:{p.stat().st_size}".encode())
+        if full:
+            h.update(sio.file_sha256(p).encode())
+        elif p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 1 << 26)))
+    return {"local": h.hexdigest()[:16]}
+
+
+# ----------------------------------------------------------------------------- shard i/o
+
+
+def _write_shard(
+    path: Path, fmt: str, seq_N: np.ndarray, pos_N: np.ndarray, acts_ND: torch.Tensor
+) -> None:
+    """Write one shard atomically, with fixed settings so equal inputs give equal bytes."""
+    with sio.atomic_path(path) as tmp:
+        if fmt == "parquet":
+            n, d = acts_ND.shape
+            width = d * acts_ND.element_size()
+            raw = acts_ND.contiguous().view(torch.uint8).numpy()
+            act = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), n, [None, pa.py_buffer(raw)]
+            )
+            table = pa.table(
+                {
+                    "seq_id": pa.array(seq_N, pa.int32()),
+                    "pos": pa.array(pos_N, pa.int32()),
+                    "act": act,
+                }
+            )
+            pq.write_table(
+                table,
+                tmp,
+                compression={"seq_id": "zstd", "pos": "zstd", "act": "none"},
+                use_dictionary=["seq_id", "pos"],
+                write_statistics=["seq_id", "pos"],
+            )
+        else:
+            buf = io.BytesIO()  # not the file name: torch.save embeds it in the archive
+            torch.save(
+                {
+                    "seq_id": torch.from_numpy(seq_N),
+                    "pos": torch.from_numpy(pos_N),
+                    "act": acts_ND.contiguous(),
+                },
+                buf,
+            )
+            tmp.write_bytes(buf.getvalue())
+
+
+def _read_shard(
+    path: Path, fmt: str, dtype: torch.dtype, d_model: int
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    if fmt == "pt":
+        data = torch.load(path, weights_only=True, map_location="cpu")
+        return data["seq_id"].numpy(), data["pos"].numpy(), data["act"]
+    table = pq.read_table(path)
+    seq_N = table.column("seq_id").to_numpy()
+    pos_N = table.column("pos").to_numpy()
+    act = table.column("act").combine_chunks()
+    n = len(act)
+    width = d_model * torch.empty((), dtype=dtype).element_size()
+    if act.type.byte_width != width:
+        raise DataError(f"{path}: act rows are {act.type.byte_width} bytes, expected {width}")
+    raw = np.frombuffer(act.buffers()[1], np.uint8, count=n * width, offset=act.offset * width)
+    acts_ND = torch.from_numpy(raw.reshape(n, width).copy()).view(dtype)
+    return seq_N, pos_N, acts_ND
+
+
+def _resolve_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.parent if path.name == sio.MANIFEST else path
+
+
+def iter_activation_shards(
+    path: str | os.PathLike,
+) -> Iterator[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+    """Yield (seq_ids_N int32, positions_N int32, acts_ND) per shard, so memory stays bounded.
+
+    `path` is the layer directory or its manifest.json; acts_ND is in the stored dtype.
+    """
+    directory = _resolve_dir(path)
+    manifest = sio.read_manifest(directory)
+    dtype = getattr(torch, manifest["dtype"])
+    for shard in manifest["shards"]:
+        yield _read_shard(directory / shard["file"], manifest["format"], dtype, manifest["d_model"])
+
+
+def load_activations(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """All cached rows at once: (seq_ids_N, positions_N, acts_ND) in shard order."""
+    directory = _resolve_dir(path)
+    manifest = sio.read_manifest(directory)
+    parts = list(iter_activation_shards(directory))
+    if not parts:
+        dtype = getattr(torch, manifest["dtype"])
+        empty = np.zeros(0, np.int32)
+        return empty, empty.copy(), torch.zeros(0, manifest["d_model"], dtype=dtype)
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts]),
+    )
+
+
+# ----------------------------------------------------------------------------- resume state
+
+
+def _reconcile(out_dir: Path, chash: str, ext: str) -> dict[str, Any]:
+    """Keep the finished shards of this config hash; delete everything else a run left behind."""
+    progress: dict[str, Any] = {"config_hash": chash, "shards": {}}
+    path = out_dir / PROGRESS
+    if path.exists():
+        try:
+            old = sio.read_json(path)
+        except ValueError:
+            old = {}
+        if old.get("config_hash") == chash:
+            progress = old
+        elif old:
+            log.info(
+                "config hash changed (%s -> %s): discarding old shards",
+                old.get("config_hash"),
+                chash,
+            )
+    done = progress["shards"]
+    for name, rec in list(done.items()):
+        f = out_dir / name
+        if not name.endswith(f".{ext}") or not f.exists() or f.stat().st_size != rec.get("bytes"):
+            del done[name]
+    removed = 0
+    for f in out_dir.iterdir():
+        stale = f.name.startswith("part-") and f.name not in done
+        leftover = f.name.startswith(".") and ".tmp-" in f.name
+        if (stale or leftover or f.name == sio.MANIFEST) and f.is_file():
+            f.unlink()
+            removed += stale
+    if removed:
+        log.info("removed %d stale shard files", removed)
+    return progress
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def _batch_inputs(
+    lens_B: np.ndarray, flat: np.ndarray, padding_side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch to its longest sequence; real tokens fill the mask in row-major order."""
+    P = int(lens_B.max())
+    ar = np.arange(P)
+    if padding_side == "left":
+        mask_BP = ar[None, :] >= (P - lens_B)[:, None]
+    else:
+        mask_BP = ar[None, :] < lens_B[:, None]
+    ids_BP = np.zeros(mask_BP.shape, np.int64)
+    ids_BP[mask_BP] = flat
+    return torch.from_numpy(ids_BP), torch.from_numpy(mask_BP.astype(np.int64))
+
+
+def _gather_rows(acts_BPD: torch.Tensor, mask_BP: torch.Tensor, out_ND: torch.Tensor) -> None:
+    """Copy the non-pad rows straight into the shard buffer (no per-batch list, no concat)."""
+    idx_N = mask_BP.reshape(-1).nonzero().squeeze(1).to(acts_BPD.device)
+    flat_MD = acts_BPD.reshape(-1, acts_BPD.shape[-1])
+    if flat_MD.device == out_ND.device:
+        torch.index_select(flat_MD, 0, idx_N, out=out_ND)
+    else:
+        out_ND.copy_(flat_MD.index_select(0, idx_N))
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def cache_activations(
+    model_spec: Mapping[str, Any],
+    tokens_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    layer: int,
+    batch_size: int,
+    fmt: str = "parquet",
+    shard_tokens: int = 16384,
+    device: str = "auto",
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    padding_side: str = "right",
+    threads: int | None = None,
+    model: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Cache block `layer`'s output for every non-pad token of `tokens_path` into `out_dir`.
+
+    model_spec: {path, revision?, trust_remote_code?, name?} (name goes into the manifest).
+    Sequences are batched in file order (no sorting: deterministic), padded to the longest in the
+    batch, and only real tokens are stored. Other keys of model_spec (layer, batch_size, ...) are
+    ignored: the keyword arguments decide. `threads` sets torch's CPU threads; `model` lets a
+    caller reuse a loaded model (bench, tests). Returns the manifest, which is written last.
+    """
+    if not isinstance(model_spec, Mapping) or not model_spec.get("path"):
+        raise ConfigError(f"model spec {model_spec!r}: needs a 'path' (local folder or hub name)")
+    if fmt not in FORMATS:
+        raise ConfigError(f"activations.format: {fmt!r} is not one of {FORMATS}")
+    if not isinstance(layer, int) or layer < 0:
+        raise ConfigError(f"layer: {layer!r} must be a non-negative integer")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size: {batch_size!r} must be a positive integer")
+    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ConfigError(f"activations.shard_tokens: {shard_tokens!r} must be a positive integer")
+    if padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side: {padding_side!r} must be 'left' or 'right'")
+    seed_everything(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    path = str(model_spec["path"])
+    revision = model_spec.get("revision")
+    trust = bool(model_spec.get("trust_remote_code", False))
+    dev = next(model.parameters()).device if model is not None else resolve_device(device)
+    torch_dtype = _model_dtype(model) if model is not None else resolve_dtype(dtype, dev)
+    dtype_name = _DTYPE_NAMES[torch_dtype]
+
+    tokens_path = Path(tokens_path)
+    seq_ids, offsets, flat = _read_tokens(tokens_path)
+    lengths = np.diff(offsets)
+    if lengths.sum() == 0:
+        raise DataError(f"{tokens_path}: no tokens to cache")
+    chash = sio.config_hash(
+        {"model": path, "revision": revision, "trust_remote_code": trust},
+        _model_fingerprint(path, revision),
+        {"layer": layer, "batch_size": batch_size, "format": fmt, "shard_tokens": shard_tokens},
+        {"dtype": dtype_name, "device_type": dev.type, "seed": seed, "padding_side": padding_side},
+        {"tokens_sha256": sio.file_sha256(tokens_path), "hook": HOOK, "version": 1},
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = _reconcile(out_dir, chash, fmt)
+    plan = plan_shards(lengths, shard_tokens)
+    names = [sio.shard_name(i, fmt) for i in range(len(plan))]
+    todo = [i for i, name in enumerate(names) if name not in progress["shards"]]
+    log.info("skipped %d of %d shards (config hash %s)", len(plan) - len(todo), len(plan), chash)
+
+    if todo:
+        if model is None:
+            model = load_lm(
+                path,
+                revision=revision,
+                trust_remote_code=trust,
+                device=dev,
+                dtype=torch_dtype,
+                upto_layer=layer,
+            )
+        _run_shards(
+            model,
+            layer,
+            plan,
+            todo,
+            names,
+            seq_ids,
+            offsets,
+            flat,
+            out_dir,
+            fmt,
+            progress,
+            batch_size=batch_size,
+            padding_side=padding_side,
+            dtype_name=dtype_name,
+        )
+
+    shards = [{"file": name, **_shard_counts(progress["shards"][name])} for name in names]
+    manifest = {
+        "format": fmt,
+        "dtype": progress["dtype"],
+        "itemsize": torch.empty((), dtype=getattr(torch, progress["dtype"])).element_size(),
+        "d_model": progress["d_model"],
+        "n_tokens": int(lengths.sum()),
+        "n_sequences": len(seq_ids),
+        "layer": layer,
+        "hook": HOOK,
+        "model": model_spec.get("name", path),
+        "revision": revision,
+        "padding_side": padding_side,
+        "seed": seed,
+        "shards": shards,
+        "config_hash": chash,
+    }
+    sio.write_manifest(out_dir, manifest)
+    log.info("wrote %d tokens in %d shards to %s", manifest["n_tokens"], len(shards), out_dir)
+    return manifest
+
+
+def _shard_counts(rec: Mapping[str, Any]) -> dict[str, int]:
+    return {"n_tokens": rec["n_tokens"], "n_sequences": rec["n_sequences"]}
+
+
+def _run_shards(
+    model: nn.Module,
+    layer: int,
+    plan: list[tuple[int, int]],
+    todo: list[int],
+    names: list[str],
+    seq_ids: np.ndarray,
+    offsets: np.ndarray,
+    flat: np.ndarray,
+    out_dir: Path,
+    fmt: str,
+    progress: dict[str, Any],
+    *,
+    batch_size: int,
+    padding_side: str,
+    dtype_name: str,
+) -> None:
+    """Forward the missing shards; a single writer thread overlaps disk writes with compute."""
+    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    lengths = np.diff(offsets)
+    total = int(sum(offsets[plan[i][1]] - offsets[plan[i][0]] for i in todo))
+    bar = tqdm(total=total, unit="tok", unit_scale=True, file=sys.stderr, mininterval=2.0)
+    pending: Future | None = None
+
+    def finish(
+        name: str, n_seqs: int, seq_N: np.ndarray, pos_N: np.ndarray, acts_ND: torch.Tensor
+    ) -> None:
+        _write_shard(out_dir / name, fmt, seq_N, pos_N, acts_ND)
+        progress["shards"][name] = {
+            "n_tokens": len(seq_N),
+            "n_sequences": n_seqs,
+            "bytes": (out_dir / name).stat().st_size,
+        }
+        sio.write_json(out_dir / PROGRESS, progress)
+        if delay:
+            time.sleep(delay)
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for i in todo:
+            start, stop = plan[i]
+            n_shard = int(offsets[stop] - offsets[start])
+            acts_ND: torch.Tensor | None = None  # allocated once D and dtype are known
+            row = 0
+            for b0 in range(start, stop, batch_size):
+                b1 = min(b0 + batch_size, stop)
+                lens_B = lengths[b0:b1]
+                if lens_B.max() == 0:
+                    continue
+                ids_BP, mask_BP = _batch_inputs(
+                    lens_B, flat[offsets[b0] : offsets[b1]], padding_side
+                )
+                acts_BPD = capture_layer(model, layer, ids_BP, mask_BP)
+                if acts_ND is None:
+                    acts_ND = torch.empty(n_shard, acts_BPD.shape[-1], dtype=acts_BPD.dtype)
+                n = int(lens_B.sum())
+                _gather_rows(acts_BPD, mask_BP, acts_ND[row : row + n])
+                row += n
+                bar.update(n)
+            lens_S = lengths[start:stop]
+            seq_N = np.repeat(seq_ids[start:stop], lens_S).astype(np.int32)
+            pos_N = np.arange(n_shard) - np.repeat(offsets[start:stop] - offsets[start], lens_S)
+            pos_N = pos_N.astype(np.int32)
+            assert acts_ND is not None and row == n_shard, "shard plan and batches disagree"
+            if "d_model" not in progress:
+                progress["d_model"] = int(acts_ND.shape[1])
+                progress["dtype"] = _DTYPE_NAMES[acts_ND.dtype]
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(finish, names[i], stop - start, seq_N, pos_N, acts_ND)
+        if pending is not None:
+            pending.result()
+    bar.close()
+    if progress.get("dtype") != dtype_name:
+        log.warning(
+            "cached dtype %s differs from the requested %s", progress.get("dtype"), dtype_name
+        )
