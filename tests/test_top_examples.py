@@ -1,0 +1,374 @@
+"""Top-activating examples, feature index, exact-token search, logit lens and the dashboard page."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+import torch
+
+from saeflow.codes import CODES_FORMAT, Codes, write_code_shard
+from saeflow.errors import ConfigError, DataError
+from saeflow.geometry import pages
+from saeflow.geometry.top_examples import (
+    build_index,
+    compute_top_examples,
+    context_html,
+    csr_lookup,
+    feature_stats,
+    parse_window,
+    read_index,
+    search_features,
+    top_activations,
+)
+from saeflow.geometry.weights import read_unembedding
+from saeflow.io import write_manifest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors: OpenMP threads only add barrier cost on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class _Names(list):
+    """Stand-in for snakemake's Namedlist: a list whose items are also attributes."""
+
+    def __init__(self, **items):
+        super().__init__(items.values())
+        self.__dict__.update(items)
+
+
+def run_script(name: str, **parts) -> None:
+    smk = type("Snakemake", (), {})()
+    for key in ("input", "output", "params", "log"):
+        setattr(smk, key, _Names(**parts.get(key, {})))
+    smk.threads = 1
+    runpy.run_path(str(SCRIPTS / name), init_globals={"snakemake": smk}, run_name="__main__")
+
+
+def write_codes_dir(path: Path, csr: sp.csr_matrix, seq_ids, positions) -> Path:
+    """A one-shard code directory in the encode_sae layout."""
+    csr = sp.csr_matrix(csr, dtype=np.float32)
+    csr.sort_indices()
+    path.mkdir(parents=True, exist_ok=True)
+    codes = Codes(
+        np.asarray(seq_ids, np.int32),
+        np.asarray(positions, np.int32),
+        csr.indptr.astype(np.int64),
+        csr.indices.astype(np.int32),
+        csr.data.astype(np.float16),
+        csr.shape[1],
+    )
+    write_code_shard(path / "part-00000.parquet", codes)
+    return write_manifest(
+        path,
+        {
+            "format": CODES_FORMAT,
+            "d_sae": csr.shape[1],
+            "parts": {"codes": "."},
+            "shards": ["part-00000.parquet"],
+            "n_tokens": csr.shape[0],
+        },
+    )
+
+
+def tokens_frame(token_lists: list[list[str]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "seq_id": np.arange(len(token_lists), dtype=np.int32),
+            "token_ids": [np.arange(len(t), dtype=np.int32) for t in token_lists],
+            "roles": [np.zeros(len(t), np.int8) for t in token_lists],
+            "n_tokens": [len(t) for t in token_lists],
+            "tokens": token_lists,
+        }
+    )
+
+
+def test_top_activations_rank_and_ties():
+    dense = np.array(
+        [[0.0, 1.0, 0.0], [3.0, 1.0, 0.0], [2.0, 5.0, 0.0], [3.0, 0.0, 0.0]], dtype=np.float32
+    )
+    top = top_activations(sp.csr_matrix(dense), 2)
+    f0 = top[top["feature_id"] == 0]
+    # equal values: earlier token first
+    assert f0["row"].tolist() == [1, 3] and f0["rank"].tolist() == [0, 1]
+    f1 = top[top["feature_id"] == 1]
+    assert f1["row"].tolist() == [2, 0] and f1["activation"].tolist() == [5.0, 1.0]
+    assert 2 not in set(top["feature_id"])  # never fires
+    with pytest.raises(ConfigError, match="n_examples"):
+        top_activations(sp.csr_matrix(dense), 0)
+
+
+def test_feature_stats_dead_feature_has_no_nan():
+    dense = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0]], dtype=np.float32)
+    stats = feature_stats(sp.csr_matrix(dense), n_bins=4)
+    assert stats["n_active"].tolist() == [3, 0]
+    assert stats["max_act"].tolist() == [3.0, 0.0]
+    assert not stats[["density", "max_act", "mean_act"]].isna().any().any()
+    assert np.asarray(stats["hist_counts"][0]).sum() == 3
+    assert np.asarray(stats["hist_counts"][1]).sum() == 0
+
+
+def test_csr_lookup_and_window():
+    csr = sp.csr_matrix(np.array([[0, 2, 0], [1, 0, 4]], dtype=np.float32))
+    got = csr_lookup(csr, np.array([0, 1, 1, -1, 0]), np.array([1, 2, 1, 2, 0]))
+    assert got.tolist() == [2.0, 4.0, 0.0, 0.0, 0.0]
+    assert parse_window(3) == (3, 3)
+    assert parse_window([5, 1]) == (5, 1)
+    with pytest.raises(ConfigError, match="window"):
+        parse_window("wide")
+
+
+def test_context_html_escapes_before_bold():
+    html_ctx = context_html(["<b>", "a&b", XSS, "\n"], center=2, acts=[0, 1.0, 2.0, 0], scale=2.0)
+    assert html_ctx.count("<b>") == 1 and html_ctx.count("</b>") == 1
+    assert "&lt;b&gt;" in html_ctx and "a&amp;b" in html_ctx
+    assert "<img" not in html_ctx and "<b>&lt;img src=x onerror=alert(1)&gt;</b>" in html_ctx
+    assert "\u21b5" in html_ctx and "\n" not in html_ctx
+
+
+def _king_index() -> pd.DataFrame:
+    stats = pd.DataFrame(
+        {
+            "feature_id": np.arange(4, dtype=np.int32),
+            "n_active": [5, 3, 2, 0],
+            "density": [0.5, 0.3, 0.2, 0.0],
+            "max_act": np.ones(4, np.float32),
+            "mean_act": np.ones(4, np.float32),
+            "hist_lo": np.zeros(4, np.float32),
+            "hist_hi": np.ones(4, np.float32),
+            "hist_counts": [np.zeros(3, np.int32)] * 4,
+        }
+    )
+    examples = pd.DataFrame(
+        {
+            "feature_id": [0, 0, 0, 1, 1, 2, 2],
+            "token": [" king", " king", "queen", "talking", "talking", "king", "kingdom"],
+        }
+    )
+    return build_index(stats, examples, sae="s")
+
+
+def test_exact_token_search_king_not_talking():
+    index = _king_index()
+    assert index["top_tokens"][0] == [" king", "queen"]
+    assert index["top_token_counts"][0] == [2, 1]
+    hits = search_features(index, token="king")
+    assert hits["feature_id"].tolist() == [0, 2]  # 2 hits before 1 hit; never "talking"
+    assert hits["token_hits"].tolist() == [2, 1]
+    assert search_features(index, token="talk").empty
+    assert search_features(index, token="talking")["feature_id"].tolist() == [1]
+    assert search_features(index, feature_id=2)["feature_id"].tolist() == [2]
+    assert search_features(index, feature_id=2, token="queen").empty
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_page_js_search_is_exact():
+    """The page's own JS search, run under node on the same features."""
+    feats = [
+        {"id": 0, "tt": [" king", "queen"], "tc": [2, 1]},
+        {"id": 1, "tt": ["talking"], "tc": [2]},
+        {"id": 2, "tt": ["king", "kingdom"], "tc": [1, 1]},
+    ]
+    script = (
+        pages.SEARCH_JS
+        + f"var F = {json.dumps(feats)};"
+        + "console.log(JSON.stringify([geoSearchToken(F, 'king').map(f => f.id),"
+        + "geoSearchToken(F, 'talk').map(f => f.id), geoSearchId(F, ' 1 ').map(f => f.id),"
+        + "geoSearchId(F, '1x').map(f => f.id)]));"
+    )
+    out = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == [[0, 2], [], [1], []]
+
+
+def _tiny_llama(path: Path, vocab: int = 48, d_model: int = 16) -> Path:
+    """A tiny untied Llama with a non-trivial final norm gain, saved like a hub checkpoint."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fixtures_models import make_tokenizer, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", vocab=vocab, d_model=d_model, n_layers=1, n_heads=2)
+    )
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(str(path))
+    make_tokenizer(path, vocab=vocab)
+    return path
+
+
+def test_read_unembedding_untied_and_tied(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fixtures_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    llama = _tiny_llama(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(str(llama))
+    want = (model.lm_head.weight * model.model.norm.weight[None, :]).detach().numpy()
+    np.testing.assert_allclose(read_unembedding(llama), want, rtol=1e-6)
+    raw = read_unembedding(llama, fold_final_norm=False)
+    np.testing.assert_allclose(raw, model.lm_head.weight.detach().numpy())
+
+    torch.manual_seed(1)
+    gpt2 = AutoModelForCausalLM.from_config(tiny_config("gpt2", vocab=40, d_model=16, n_layers=1))
+    gpt2.save_pretrained(str(tmp_path / "gpt2"))
+    wte = gpt2.transformer.wte.weight * gpt2.transformer.ln_f.weight[None, :]
+    np.testing.assert_allclose(read_unembedding(tmp_path / "gpt2"), wte.detach().numpy())
+    with pytest.raises(DataError, match="model.safetensors"):
+        read_unembedding(tmp_path)
+
+
+def write_saelens(path: Path, W_dec_FD: np.ndarray, k: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    d_sae, d_in = W_dec_FD.shape
+    (path / "cfg.json").write_text(
+        json.dumps({"d_in": d_in, "d_sae": d_sae, "architecture": "topk", "k": k})
+    )
+    save_file(
+        {
+            "W_enc": torch.from_numpy(np.ascontiguousarray(W_dec_FD.T)),
+            "W_dec": torch.from_numpy(np.ascontiguousarray(W_dec_FD)),
+            "b_enc": torch.zeros(d_sae),
+            "b_dec": torch.zeros(d_in),
+        },
+        str(path / "sae_weights.safetensors"),
+    )
+    return path
+
+
+def test_top_examples_script_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    rng = np.random.default_rng(0)
+    model = _tiny_llama(tmp_path / "model")
+    n_seq, seq_len, d_sae = 6, 10, 12
+    words = ["talking", " king", XSS, "the", "a&b", "\n"]
+    token_lists = [[words[(s + p) % len(words)] for p in range(seq_len)] for s in range(n_seq)]
+    tok_path = tmp_path / "tokens.parquet"
+    tokens_frame(token_lists).to_parquet(tok_path)
+    seq = np.repeat(np.arange(n_seq), seq_len)
+    pos = np.tile(np.arange(seq_len), n_seq)
+    dense = rng.random((n_seq * seq_len, d_sae)).astype(np.float32)
+    dense[dense < 0.7] = 0
+    dense[:, 5] = 0  # a dead feature
+    dense[:, 0] = 0
+    dense[np.array([t == " king" for tl in token_lists for t in tl]), 0] = 2.0
+    codes_manifest = write_codes_dir(tmp_path / "codes", sp.csr_matrix(dense), seq, pos)
+    W_dec = rng.standard_normal((d_sae, 16)).astype(np.float32)
+    sae_dir = write_saelens(tmp_path / "sae", W_dec)
+    analysis = {
+        "type": "top_examples",
+        "name": "dash",
+        "model": "m",
+        "dataset": "d",
+        "sae": "s",
+        "n_examples": 4,
+        "window": [3, 1],
+        "n_logits": 3,
+    }
+    out = tmp_path / "results"
+    run_script(
+        "top_examples.py",
+        input={"codes": str(codes_manifest), "tokens": str(tok_path)},
+        output={
+            "examples": str(out / "geometry/dash/examples.parquet"),
+            "index": str(out / "geometry/dash/feature_index.parquet"),
+            "page": str(out / "reports/geometry-dash.html"),
+        },
+        params={
+            "analysis": analysis,
+            "model": {"path": str(model), "revision": None, "trust_remote_code": False},
+            "sae": {"name": "s", "format": "saelens", "path": str(sae_dir)},
+            "runtime": {"device": "cpu", "seed": 0},
+        },
+        log={"log": str(tmp_path / "logs/top.log")},
+    )
+    examples = pq.read_table(out / "geometry/dash/examples.parquet").to_pandas()
+    index = read_index(out / "geometry/dash/feature_index.parquet")
+    assert len(index) == d_sae and index["sae"].unique().tolist() == ["s"]
+    assert index.loc[5, "n_active"] == 0 and index.loc[5, "top_tokens"] == []
+    assert examples.groupby("feature_id").size().max() == 4
+    ex0 = examples[examples["feature_id"] == 0]
+    assert set(ex0["token"]) == {" king"} and (ex0["activation"] == 2.0).all()
+    # the context's centre token is the example's token; windows are clipped at sequence start
+    for row in examples.itertuples():
+        assert row.context_tokens[row.center] == row.token
+        assert len(row.context_tokens) <= 5
+        assert row.context_acts[row.center] == pytest.approx(row.activation, rel=1e-3)
+    assert search_features(index, token="king")["feature_id"].tolist()[0] == 0
+    assert 0 not in search_features(index, token="talking")["feature_id"].tolist()
+
+    # logit lens: W_dec . (W_U * g)^T, top and bottom ids
+    logits = W_dec @ read_unembedding(model).T
+    for f in (0, 7):
+        assert index.loc[f, "top_logit_ids"] == np.argsort(-logits[f])[:3].tolist()
+        assert index.loc[f, "bottom_logit_ids"] == np.argsort(logits[f])[:3].tolist()
+        assert index.loc[f, "top_logit_tokens"][0] == f"w{index.loc[f, 'top_logit_ids'][0]}"
+
+    page = (out / "reports/geometry-dash.html").read_text()
+    assert '<script charset="utf-8" src="plotly.min.js"></script>' in page
+    assert (out / "reports/plotly.min.js").exists()
+    assert "<img" not in page and "function geoSearchToken" in page
+    extra = json.loads(re.search(r"^var EXTRA = (.*);$", page, re.MULTILINE).group(1))
+    assert len(extra["features"]) == d_sae and "5" not in extra["examples"]
+    assert extra["features"][0]["tl"] == index.loc[0, "top_logit_tokens"]
+
+    # same inputs, same bytes
+    first = (out / "geometry/dash/feature_index.parquet").read_bytes()
+    ex_first = (out / "geometry/dash/examples.parquet").read_bytes()
+    _, index2 = compute_top_examples(
+        sp.csr_matrix(dense.astype(np.float16).astype(np.float32)),
+        seq,
+        pos,
+        tokens_frame(token_lists),
+        n_examples=4,
+        window=[3, 1],
+        sae="s",
+    )
+    assert index2["top_tokens"].tolist() == index["top_tokens"].tolist()
+    run_script(
+        "top_examples.py",
+        input={"codes": str(codes_manifest), "tokens": str(tok_path)},
+        output={
+            "examples": str(out / "geometry/dash/examples.parquet"),
+            "index": str(out / "geometry/dash/feature_index.parquet"),
+            "page": str(out / "reports/geometry-dash.html"),
+        },
+        params={
+            "analysis": analysis,
+            "model": {"path": str(model), "revision": None, "trust_remote_code": False},
+            "sae": {"name": "s", "format": "saelens", "path": str(sae_dir)},
+            "runtime": {"device": "cpu", "seed": 0},
+        },
+        log={"log": str(tmp_path / "logs/top.log")},
+    )
+    assert (out / "geometry/dash/feature_index.parquet").read_bytes() == first
+    assert (out / "geometry/dash/examples.parquet").read_bytes() == ex_first
+
+
+def test_mismatched_tokens_is_one_line_error():
+    csr = sp.csr_matrix(np.array([[1.0]], dtype=np.float32))
+    with pytest.raises(DataError, match="seq_id 3"):
+        compute_top_examples(csr, np.array([3]), np.array([0]), tokens_frame([["a"]]))
+    with pytest.raises(DataError, match="different tokenizations"):
+        compute_top_examples(csr, np.array([0]), np.array([4]), tokens_frame([["a"]]))
