@@ -168,7 +168,8 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
         n_layers = model_n_layers(config, name)
         if n_layers is not None and not 0 <= spec["layer"] < n_layers:
             raise ConfigError(
-                f"{key}.layer = {spec['layer']}: the model has {n_layers} layers (0..{n_layers - 1})"
+                f"{key}.layer = {spec['layer']}: "
+                f"the model has {n_layers} layers (0..{n_layers - 1})"
             )
     for name, spec in config.get("datasets", {}).items():
         key = f"datasets.{name}"
@@ -252,7 +253,7 @@ def model_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def sae_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
-    """What `saeflow.load_sae` needs; organism SAEs resolve to the folder the training rule writes."""
+    """What `saeflow.load_sae` needs; an organism SAE resolves to the folder its rule writes."""
     spec = {k: v for k, v in config["saes"][name].items() if k not in ("train", "eval_datasets")}
     spec["name"] = name
     if spec.get("source") == "organism":
