@@ -1,0 +1,14 @@
+"""Snakemake entry point: train the organism's temporal SAE, saved in the published layout."""
+
+from saeflow.sae.train import train_temporal_sae
+from saeflow.utils import log_to
+
+snakemake = globals()["snakemake"]
+log_to(snakemake.log[0] if snakemake.log else None)
+acts = snakemake.input.acts
+train_temporal_sae(
+    [acts] if isinstance(acts, str) else list(acts),
+    snakemake.output[0],
+    dict(snakemake.params.train),
+    seed=int(snakemake.params.seed),
+)
