@@ -28,7 +28,7 @@ if ORGANISM_SAES_TOPK:
             sae=_names_regex(ORGANISM_SAES_TOPK),
         conda:
             ENV_TORCH
-        threads: 2
+        threads: 1
         resources:
             mem_mb=8000,
         params:
@@ -53,7 +53,7 @@ if ORGANISM_SAES_TEMPORAL:
             sae=_names_regex(ORGANISM_SAES_TEMPORAL),
         conda:
             ENV_TORCH
-        threads: 2
+        threads: 1
         resources:
             mem_mb=8000,
         params:
