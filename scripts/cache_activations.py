@@ -6,8 +6,7 @@ from saeflow.activations import cache_activations
 from saeflow.devices import gpu_slot
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 model = dict(snakemake.params.model)
 acts = dict(snakemake.params.activations)
 runtime = dict(snakemake.params.runtime)

@@ -6,10 +6,10 @@ from saeflow.embedding import enable_numba_cache
 from saeflow.geometry.decoder_umap import run_decoder_umap
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
-if snakemake.input.get("numba_warmup"):
-    enable_numba_cache(Path(snakemake.input.numba_warmup).parent)
+log_to(snakemake.log[0])
+warm = getattr(snakemake.input, "numba_warmup", None)
+if warm:
+    enable_numba_cache(Path(warm).parent)
 run_decoder_umap(
     analysis=dict(snakemake.params.analysis),
     sae_specs=dict(snakemake.params.saes),

@@ -5,8 +5,7 @@ from pathlib import Path
 from saeflow.data import fetch_dataset
 from saeflow.utils import log_to, seed_everything
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 seed_everything(int(snakemake.params.seed))
 corpus = snakemake.input.get("corpus")
 fetch_dataset(

@@ -5,7 +5,6 @@ from pathlib import Path
 from saeflow.organism.lm import finetune_chat
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
 log_to(snakemake.log[0])
 finetune_chat(
     base_dir=snakemake.input.base,

@@ -5,7 +5,6 @@ from pathlib import Path
 from saeflow.organism.corpus import make_corpus
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
 log_to(snakemake.log[0])
 make_corpus(
     cfg=dict(snakemake.params.cfg or {}),

@@ -3,8 +3,7 @@
 from saeflow.geometry.mapper import run_mapper
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 run_mapper(
     snakemake.input.points,
     analysis=dict(snakemake.params.analysis),

@@ -4,8 +4,7 @@ from saeflow.devices import gpu_slot
 from saeflow.geometry.matching import run_match_features
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 runtime = dict(snakemake.params.runtime)
 with gpu_slot(str(runtime.get("device", "auto"))):
     run_match_features(

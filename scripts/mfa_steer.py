@@ -1,19 +1,12 @@
 """Snakemake entry point: steer the LM with an MFA component, report last-position logit changes."""
 
-import os
-
-# Before torch loads OpenMP: spinning threads collapse on a shared, oversubscribed CPU
-# (50 MFA epochs: 347 s with the default policy vs 27 s passive, 2 threads, load 8 on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 from saeflow.devices import gpu_slot
 from saeflow.mfa.steer import run_mfa_steer
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 torch.set_num_threads(int(snakemake.threads))
 model = dict(snakemake.params.model)
 runtime = dict(snakemake.params.runtime)

@@ -3,8 +3,7 @@
 from saeflow.mfa.page import run_report_mfa
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 analysis = dict(snakemake.params.analysis)
 run_report_mfa(
     snakemake.output.html,

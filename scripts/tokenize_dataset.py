@@ -3,8 +3,7 @@
 from saeflow.tokenize import tokenize_dataset
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 model = dict(snakemake.params.model)
 tokenize_dataset(
     snakemake.input.data,

@@ -5,7 +5,6 @@ from pathlib import Path
 from saeflow.organism.lm import train_base_lm
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
 log_to(snakemake.log[0])
 train_base_lm(
     corpus_dir=Path(snakemake.input.corpus[0]).parent,

@@ -3,8 +3,7 @@
 from saeflow.sae.train import train_temporal_sae
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
-log_to(snakemake.log[0] if snakemake.log else None)
+log_to(snakemake.log[0])
 acts = snakemake.input.acts
 train_temporal_sae(
     [acts] if isinstance(acts, str) else list(acts),

@@ -5,7 +5,6 @@ from pathlib import Path
 from saeflow.organism.tokenizer import train_tokenizer
 from saeflow.utils import log_to
 
-snakemake = globals()["snakemake"]
 log_to(snakemake.log[0])
 train_tokenizer(
     corpus_dir=Path(snakemake.input.corpus[0]).parent,

@@ -34,14 +34,16 @@ from torch import nn
 from tqdm import tqdm
 
 from saeflow import io as sio
+from saeflow.codes import list_column_csr
+from saeflow.devices import resolve_device, resolve_dtype
 from saeflow.errors import ConfigError, DataError
-from saeflow.models import capture_layer, load_lm, resolve_device, resolve_dtype
+from saeflow.models import capture_layer, load_lm
 from saeflow.utils import seed_everything
 
 log = logging.getLogger("saeflow.activations")
 
 FORMATS = ("parquet", "pt")
-PROGRESS = ".progress.json"
+PROGRESS = sio.PROGRESS
 HOOK = "resid_post"
 # Seconds to sleep after each finished shard: lets the kill test catch a run between shards.
 TEST_DELAY_ENV = "SAEFLOW_TEST_SHARD_DELAY"
@@ -81,10 +83,8 @@ def _read_tokens(tokens_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     tokens = table.column("token_ids").combine_chunks()
     if tokens.null_count:
         raise DataError(f"{tokens_path}: token_ids has null rows")
-    offsets = tokens.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
-    flat = tokens.values.to_numpy(zero_copy_only=False).astype(np.int64)[: offsets[-1]]
-    return seq_ids, offsets, flat
+    offsets, flat = list_column_csr(tokens)
+    return seq_ids, offsets, flat.astype(np.int64)
 
 
 def _model_fingerprint(path: str, revision: str | None) -> dict[str, Any]:
@@ -216,33 +216,13 @@ def load_activations(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, t
 
 def _reconcile(out_dir: Path, chash: str, ext: str) -> dict[str, Any]:
     """Keep the finished shards of this config hash; delete everything else a run left behind."""
-    progress: dict[str, Any] = {"config_hash": chash, "shards": {}}
-    path = out_dir / PROGRESS
-    if path.exists():
-        try:
-            old = sio.read_json(path)
-        except ValueError:
-            old = {}
-        if old.get("config_hash") == chash:
-            progress = old
-        elif old:
-            log.info(
-                "config hash changed (%s -> %s): discarding old shards",
-                old.get("config_hash"),
-                chash,
-            )
+    progress = sio.load_progress(out_dir, chash)
     done = progress["shards"]
     for name, rec in list(done.items()):
         f = out_dir / name
         if not name.endswith(f".{ext}") or not f.exists() or f.stat().st_size != rec.get("bytes"):
             del done[name]
-    removed = 0
-    for f in out_dir.iterdir():
-        stale = f.name.startswith("part-") and f.name not in done
-        leftover = f.name.startswith(".") and ".tmp-" in f.name
-        if (stale or leftover or f.name == sio.MANIFEST) and f.is_file():
-            f.unlink()
-            removed += stale
+    removed = sio.remove_stale_shards(out_dir, done)
     if removed:
         log.info("removed %d stale shard files", removed)
     return progress

@@ -151,6 +151,18 @@ def write_code_shard(path: str | os.PathLike, codes: Codes) -> None:
         pq.write_table(table, tmp, **PARQUET_OPTS)
 
 
+def list_column_csr(column: pa.ChunkedArray | pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """A parquet list column as CSR: (indptr int64 starting at 0, flat values), no row objects.
+
+    A list array can be a slice of a larger buffer, so the offsets are rebased to 0 and the values
+    cut to the span its rows cover.
+    """
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    indptr = arr.offsets.to_numpy().astype(np.int64)
+    start, stop = int(indptr[0]), int(indptr[-1])
+    return indptr - start, arr.values.to_numpy(zero_copy_only=False)[start:stop]
+
+
 def read_code_shard(path: str | os.PathLike, d_sae: int, part: str = "codes") -> Codes:
     """Read one shard back into CSR arrays (no per-row Python objects)."""
     try:
@@ -160,16 +172,14 @@ def read_code_shard(path: str | os.PathLike, d_sae: int, part: str = "codes") ->
     missing = [name for name in SCHEMA.names if name not in table.column_names]
     if missing:
         raise DataError(f"{path}: code shard lacks column(s) {', '.join(missing)}")
-    ids = table.column("feature_ids").combine_chunks()
-    vals = table.column("values").combine_chunks()
-    indptr = ids.offsets.to_numpy().astype(np.int64)
-    start = int(indptr[0])
+    indptr, ids = list_column_csr(table.column("feature_ids"))
+    _, vals = list_column_csr(table.column("values"))
     return Codes(
         table.column("seq_id").to_numpy().astype(np.int32),
         table.column("pos").to_numpy().astype(np.int32),
-        indptr - start,
-        ids.values.to_numpy()[start : int(indptr[-1])].astype(np.int32),
-        vals.values.to_numpy(zero_copy_only=False)[start : int(indptr[-1])].astype(np.float16),
+        indptr,
+        ids.astype(np.int32),
+        vals.astype(np.float16),
         d_sae,
         part,
     )

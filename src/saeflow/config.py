@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from saeflow.errors import ConfigError
+from saeflow.organism.corpus import CORPORA
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = ROOT / "schemas" / "config.schema.yaml"
@@ -23,14 +24,6 @@ RESULTS = "results"
 ORGANISM_MODELS = f"{RESULTS}/organism/models"
 ORGANISM_SAES = f"{RESULTS}/organism/saes"
 ORGANISM_CORPUS = f"{RESULTS}/organism/corpus"
-CORPORA = (
-    "stories_train",
-    "stories_test",
-    "dialogues_train",
-    "dialogues_test",
-    "target",
-    "control",
-)
 CODE_KINDS = ("pred", "novel", "total", "activations")
 
 

@@ -233,18 +233,36 @@ def describe() -> str:
     return " ".join(parts)
 
 
-def resolve_device(runtime_cfg: Mapping[str, Any] | None = None) -> torch.device:
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+
+
+def _runtime_value(spec: Any, key: str, default: str) -> Any:
+    """`spec` is either the value itself or the `runtime` config mapping holding it under `key`."""
+    if spec is None:
+        return default
+    if isinstance(spec, Mapping):
+        return spec.get(key, default)
+    return spec
+
+
+def resolve_device(spec: str | torch.device | Mapping[str, Any] | None = None) -> torch.device:
     """`runtime.device` -> torch.device; `auto` = CUDA if visible, a missing GPU falls back to CPU.
 
+    `spec` is a device name, a torch.device (returned as is) or the `runtime` config mapping.
     Call it inside `gpu_slot()` so that CUDA sees only the slot's device.
     """
     import torch
 
-    device = str((runtime_cfg or {}).get("device", "auto"))
+    value = _runtime_value(spec, "device", "auto")
+    if isinstance(value, torch.device):
+        return value
+    device = str(value).strip().lower()
     if not _wants_cuda(device):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        if device != "auto":
+        if device == "auto":
+            log.info("runtime.device=auto found no CUDA device; running on CPU")
+        else:
             log.warning("runtime.device=%s but CUDA is not available; running on CPU", device)
         return torch.device("cpu")
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
@@ -252,12 +270,23 @@ def resolve_device(runtime_cfg: Mapping[str, Any] | None = None) -> torch.device
     return torch.device("cuda:0" if device == "auto" else device)
 
 
-def resolve_dtype(runtime_cfg: Mapping[str, Any] | None, device: torch.device) -> torch.dtype:
-    """`runtime.dtype` on CUDA; CPU always computes in float32 (no fast bf16 on CPU)."""
+def resolve_dtype(
+    spec: str | torch.dtype | Mapping[str, Any] | None, device: str | torch.device
+) -> torch.dtype:
+    """`runtime.dtype` on CUDA; CPU always computes in float32 (no fast bf16 on CPU).
+
+    `spec` is a dtype name (`bfloat16`, `bf16`, `torch.float16`, ...), a torch.dtype or the
+    `runtime` config mapping.
+    """
     import torch
 
-    name = str((runtime_cfg or {}).get("dtype", "bfloat16"))
-    dtype = getattr(torch, name, None)
+    value = _runtime_value(spec, "dtype", "bfloat16")
+    if isinstance(value, torch.dtype):
+        dtype = value
+    else:
+        name = str(value).strip().lower().removeprefix("torch.")
+        dtype = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"runtime.dtype: {name!r} is not a torch floating dtype")
-    return dtype if device.type == "cuda" else torch.float32
+        raise ConfigError(f"runtime.dtype: {value!r} is not a torch floating dtype")
+    dev = device if isinstance(device, torch.device) else torch.device(str(device))
+    return dtype if dev.type == "cuda" else torch.float32

@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+PROGRESS = ".progress.json"
+
+log = logging.getLogger("saeflow.io")
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -118,3 +122,46 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 
 def shard_name(index: int, ext: str) -> str:
     return f"part-{index:05d}.{ext}"
+
+
+def load_progress(directory: str | os.PathLike, chash: str) -> dict[str, Any]:
+    """Resume state of a sharded writer, `{"config_hash": chash, "shards": {name: record}}`.
+
+    Finished shards are only reusable under the config hash that made them, so progress recorded
+    under another hash (or an unreadable file) starts over empty.
+    """
+    progress: dict[str, Any] = {"config_hash": chash, "shards": {}}
+    path = Path(directory) / PROGRESS
+    if path.exists():
+        try:
+            old = read_json(path)
+        except ValueError:
+            old = {}
+        if old.get("config_hash") == chash:
+            progress = old
+        elif old:
+            log.info(
+                "config hash changed (%s -> %s): discarding old shards",
+                old.get("config_hash"),
+                chash,
+            )
+    return progress
+
+
+def remove_stale_shards(
+    folder: str | os.PathLike, keep: Container[str], *, drop_manifest: bool = True
+) -> int:
+    """Delete what an earlier run left in `folder` that a resumed run must not trust.
+
+    That is `part-*` files not in `keep`, atomic-write temporaries and (with `drop_manifest`) the
+    manifest, which the resumed run rewrites last. Returns how many `part-*` files went.
+    """
+    removed = 0
+    for f in Path(folder).iterdir():
+        stale = f.name.startswith("part-") and f.name not in keep
+        leftover = f.name.startswith(".") and ".tmp-" in f.name
+        manifest = drop_manifest and f.name == MANIFEST
+        if (stale or leftover or manifest) and f.is_file():
+            f.unlink()
+            removed += stale
+    return removed

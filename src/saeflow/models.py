@@ -20,20 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from saeflow.devices import resolve_device, resolve_dtype
 from saeflow.errors import ConfigError
 
 log = logging.getLogger("saeflow.models")
-
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 
 # Attribute paths of the block list, most common first.
 _LAYER_PATHS = (
@@ -51,41 +41,6 @@ _LAYER_PATHS = (
     "transformer.layers",
     "blocks",
 )
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` is CUDA when visible; a GPU asked for but not found warns and falls back to CPU."""
-    if isinstance(device, torch.device):
-        return device
-    name = str(device).strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.info("runtime.device=auto found no CUDA device; running on CPU")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"runtime.device: unknown device {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        log.warning("runtime.device=%s but no CUDA device is visible; running on CPU", device)
-        return torch.device("cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """The compute dtype: the configured one on CUDA, float32 on CPU (no fast bf16 there)."""
-    if isinstance(dtype, torch.dtype):
-        wanted = dtype
-    else:
-        key = str(dtype).strip().lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise ConfigError(
-                f"runtime.dtype: unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}"
-            )
-        wanted = _DTYPES[key]
-    dev = device if isinstance(device, torch.device) else torch.device(str(device))
-    return wanted if dev.type == "cuda" else torch.float32
 
 
 def n_layers_of(hf_config: Any) -> int:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from saeflow.devices import resolve_device
 from saeflow.errors import DataError
 from saeflow.mfa.model import MFA, PSI_FLOOR, save_mfa
 
@@ -436,7 +437,7 @@ def run_fit_mfa(
 
     settings = resolve_settings(settings)
     seed_everything(seed)
-    dev = _device(device)
+    dev = resolve_device(device)
     seq_ids, positions, acts_ND = load_acts(acts_path)
     centroids = load_centroids(centroids_path)
     model, history, summary, split_N = fit_mfa(
@@ -470,16 +471,6 @@ def run_fit_mfa(
         table.to_parquet(tmp, compression="zstd", index=False)
     write_json(config_path, config)
     return config
-
-
-def _device(name: str | torch.device) -> torch.device:
-    try:
-        from saeflow.models import resolve_device
-    except ImportError:  # pragma: no cover - models.py is written by another stage
-        if str(name) == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(str(name))
-    return resolve_device(name)
 
 
 def load_acts(path: str | Path) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:

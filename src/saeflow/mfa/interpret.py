@@ -222,13 +222,14 @@ def run_mfa_interpret(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """mfa_interpret rule: top contexts (parquet), subspace coordinates (parquet), summary."""
+    from saeflow.devices import resolve_device
     from saeflow.io import atomic_path, write_json
     from saeflow.mfa import resolve_settings
-    from saeflow.mfa.fit import _device, load_acts
+    from saeflow.mfa.fit import load_acts
     from saeflow.mfa.model import load_mfa
 
     s = resolve_settings(settings)
-    dev = _device(device)
+    dev = resolve_device(device)
     model = load_mfa(model_path, device=dev)
     seq_ids, positions, acts_ND = load_acts(acts_path)
     lookup = token_lookup(pd.read_parquet(tokens_path, columns=["seq_id", "tokens"]))

@@ -8,13 +8,14 @@ escaped before any markup such as <b> is added.
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+
+from saeflow.report.common import esc, esc_label
 
 PLOTLY_JS = "plotly.min.js"
 _FIG_CONFIG = {"displaylogo": False, "responsive": True}
@@ -31,16 +32,6 @@ ul.contexts li { margin: 0.15em 0; white-space: pre-wrap; }
 .note { color: #555; font-size: 0.9em; }
 .pos { color: #0a5; } .neg { color: #b22; }
 """
-
-
-def esc(text: Any) -> str:
-    """Escape dataset text for HTML element content or attributes."""
-    return html.escape(str(text), quote=True)
-
-
-def esc_label(text: Any) -> str:
-    """Escape text for a Plotly label/hover (Plotly decodes &lt; &gt; &amp; and numeric refs)."""
-    return html.escape(str(text), quote=False).replace("$", "&#36;")
 
 
 def visible(text: str) -> str:

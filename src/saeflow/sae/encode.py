@@ -38,7 +38,7 @@ from saeflow.sae.sparse import CSR, csr_from_dense, topk_by_magnitude
 
 log = logging.getLogger("saeflow.encode")
 
-PROGRESS = ".progress.json"
+PROGRESS = sio.PROGRESS
 VERSION = 1
 DEFAULTS = {"batch_tokens": 4096, "pred_k": 64, "pred_threshold": 0.0}
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -151,21 +151,7 @@ def encode_temporal(
 
 def _reconcile(out_dir: Path, chash: str, part_dirs: list[str]) -> dict[str, Any]:
     """Keep finished shards of this config hash; remove every other leftover."""
-    progress: dict[str, Any] = {"config_hash": chash, "shards": {}}
-    path = out_dir / PROGRESS
-    if path.exists():
-        try:
-            old = sio.read_json(path)
-        except ValueError:
-            old = {}
-        if old.get("config_hash") == chash:
-            progress = old
-        elif old:
-            log.info(
-                "config hash changed (%s -> %s): discarding old shards",
-                old.get("config_hash"),
-                chash,
-            )
+    progress = sio.load_progress(out_dir, chash)
     done = progress["shards"]
     for name, rec in list(done.items()):
         sizes = rec.get("bytes", {})
@@ -176,11 +162,7 @@ def _reconcile(out_dir: Path, chash: str, part_dirs: list[str]) -> dict[str, Any
         folder = out_dir / d
         if not folder.is_dir():
             continue
-        for f in folder.iterdir():
-            stale = f.name.startswith("part-") and (f.name not in done or d not in part_dirs)
-            leftover = f.name.startswith(".") and ".tmp-" in f.name
-            if f.is_file() and (stale or leftover or (d == "." and f.name == sio.MANIFEST)):
-                f.unlink()
+        sio.remove_stale_shards(folder, done if d in part_dirs else (), drop_manifest=d == ".")
         if d != "." and d not in part_dirs:
             shutil.rmtree(folder, ignore_errors=True)
     return progress
