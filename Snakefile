@@ -14,8 +14,8 @@ min_version("9.0")
 
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (SRC, os.environ.get("PYTHONPATH")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
 )
 # OpenMP threads that spin collapse on a shared, oversubscribed CPU (MFA fit: 347 s vs 27 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

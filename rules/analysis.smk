@@ -1,52 +1,5 @@
 """Analyses on the sparse codes and activations: diffing, UMAP, similarity and MFA."""
 
-NUMBA_WARM = f"{R}/.cache/numba/warm.json"
-
-
-def diffing_inputs(wildcards):
-    a = ANALYSES[wildcards.analysis]
-    out = {}
-    for s in ("target", "control"):
-        for m in a["models"]:
-            out[f"tokens_{s}_{m}"] = tokens_path(m, a[s])
-            out[f"codes_{s}_{m}"] = codes_path(m, a[s], a["sae"])
-    if a.get("explanations"):
-        out["explanations"] = sfc.resolve_path(a["explanations"], config)
-    return out
-
-
-def code_source(wildcards):
-    """Codes of the analysis' SAE, or the activations themselves for `codes: activations`."""
-    a = ANALYSES[wildcards.analysis]
-    if a.get("codes") == "activations":
-        return acts_path(a["model"], a["dataset"])
-    return codes_path(a["model"], a["dataset"], a["sae"])
-
-
-def analysis_tokens(wildcards):
-    a = ANALYSES[wildcards.analysis]
-    return tokens_path(a["model"], a["dataset"])
-
-
-def analysis_acts(wildcards):
-    a = ANALYSES[wildcards.analysis]
-    return acts_path(a["model"], a["dataset"])
-
-
-def analysis_model_params(wildcards):
-    return sfc.model_spec(config, ANALYSES[wildcards.analysis]["model"])
-
-
-def analysis_model_files(wildcards):
-    return model_files(ANALYSES[wildcards.analysis]["model"])
-
-
-def umap_inputs(wildcards):
-    out = {"codes": code_source(wildcards), "tokens": analysis_tokens(wildcards)}
-    if config["umap_warmup"]:
-        out["numba_warmup"] = NUMBA_WARM
-    return out
-
 
 rule diff_stats:
     input:
@@ -256,9 +209,3 @@ rule report_mfa:
         runtime=RUNTIME,
     script:
         "../scripts/report_mfa.py"
-
-
-def extra_report_pages():
-    pages = [f"{R}/reports/mfa-{a['name']}.html" for a in analyses_of("mfa")]
-    pages += geometry_pages()
-    return pages

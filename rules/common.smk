@@ -121,3 +121,227 @@ def metrics_targets():
         for ds in spec.get("eval_datasets", []):
             out.append(metrics_path(spec["model"], ds, sae))
     return out
+
+
+# --- organism rules
+
+
+ORG = f"{R}/organism"
+
+
+# --- data rules
+
+
+def dataset_inputs(wildcards):
+    spec = sfc.dataset_spec(config, wildcards.dataset)
+    if spec["source"] == "organism":
+        return {"corpus": f"{R}/organism/corpus/{spec['corpus']}.jsonl"}
+    if spec["source"] == "file":
+        return {"file": spec["path"]}
+    return {}
+
+
+def dataset_name(wildcards):
+    return wildcards.dataset
+
+
+def model_inputs(wildcards):
+    return model_files(wildcards.model)
+
+
+# --- sae rules
+
+
+def acts_input(wildcards):
+    return acts_path(wildcards.model, wildcards.dataset)
+
+
+def sae_inputs(wildcards):
+    return sae_files(wildcards.sae)
+
+
+def encode_params(wildcards):
+    return config["encode"]
+
+
+# --- analysis rules
+
+
+NUMBA_WARM = f"{R}/.cache/numba/warm.json"
+
+
+def diffing_inputs(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    out = {}
+    for s in ("target", "control"):
+        for m in a["models"]:
+            out[f"tokens_{s}_{m}"] = tokens_path(m, a[s])
+            out[f"codes_{s}_{m}"] = codes_path(m, a[s], a["sae"])
+    if a.get("explanations"):
+        out["explanations"] = sfc.resolve_path(a["explanations"], config)
+    return out
+
+
+def code_source(wildcards):
+    """Codes of the analysis' SAE, or the activations themselves for `codes: activations`."""
+    a = ANALYSES[wildcards.analysis]
+    if a.get("codes") == "activations":
+        return acts_path(a["model"], a["dataset"])
+    return codes_path(a["model"], a["dataset"], a["sae"])
+
+
+def analysis_tokens(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    return tokens_path(a["model"], a["dataset"])
+
+
+def analysis_acts(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    return acts_path(a["model"], a["dataset"])
+
+
+def analysis_model_params(wildcards):
+    return sfc.model_spec(config, ANALYSES[wildcards.analysis]["model"])
+
+
+def analysis_model_files(wildcards):
+    return model_files(ANALYSES[wildcards.analysis]["model"])
+
+
+def umap_inputs(wildcards):
+    out = {"codes": code_source(wildcards), "tokens": analysis_tokens(wildcards)}
+    if config["umap_warmup"]:
+        out["numba_warmup"] = NUMBA_WARM
+    return out
+
+
+def extra_report_pages():
+    pages = [f"{R}/reports/mfa-{a['name']}.html" for a in analyses_of("mfa")]
+    pages += geometry_pages()
+    return pages
+
+
+# --- geometry rules
+
+
+GEO = f"{R}/geometry"
+
+
+def _geo_codes(model, dataset, sae, codes):
+    if codes == "activations" or sae is None:
+        return acts_path(model, dataset)
+    return codes_path(model, dataset, sae)
+
+
+def top_examples_inputs(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    return {
+        "codes": codes_path(a["model"], a["dataset"], a["sae"]),
+        "tokens": tokens_path(a["model"], a["dataset"]),
+        "sae_files": sae_files(a["sae"]),
+        "model_files": model_files(a["model"]),
+    }
+
+
+def geo_sae_params(wildcards):
+    return sfc.sae_spec(config, ANALYSES[wildcards.analysis]["sae"])
+
+
+def match_inputs(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    out = {}
+    for side in ("a", "b"):
+        s = a[side]
+        out[f"codes_{side}"] = codes_path(s["model"], a["dataset"], s["sae"])
+        out[f"tokens_{side}"] = tokens_path(s["model"], a["dataset"])
+    return out
+
+
+def match_sae_a(wildcards):
+    return sfc.sae_spec(config, ANALYSES[wildcards.analysis]["a"]["sae"])
+
+
+def match_sae_b(wildcards):
+    return sfc.sae_spec(config, ANALYSES[wildcards.analysis]["b"]["sae"])
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def decoder_umap_inputs(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    out = {
+        "matches": [f"{GEO}/{m}/matches.parquet" for m in _as_list(a.get("match"))],
+        "indexes": [
+            f"{GEO}/{t}/feature_index.parquet" for t in _as_list(a.get("top_examples"))
+        ],
+        "sae_files": [f for s in a["saes"] for f in sae_files(s)],
+        "model_files": [
+            f for s in a["saes"] for f in model_files(config["saes"][s]["model"])
+        ],
+    }
+    if config["umap_warmup"]:
+        out["numba_warmup"] = NUMBA_WARM
+    return out
+
+
+def decoder_umap_saes(wildcards):
+    return {s: sfc.sae_spec(config, s) for s in ANALYSES[wildcards.analysis]["saes"]}
+
+
+def decoder_umap_models(wildcards):
+    return {
+        s: sfc.model_spec(config, config["saes"][s]["model"])
+        for s in ANALYSES[wildcards.analysis]["saes"]
+    }
+
+
+def mapper_inputs(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    return {
+        "points": _geo_codes(a["model"], a["dataset"], a.get("sae"), a.get("codes")),
+        "tokens": tokens_path(a["model"], a["dataset"]),
+    }
+
+
+def _names(kind):
+    return _names_regex([a["name"] for a in analyses_of(kind)])
+
+
+def geometry_pages():
+    kinds = ("top_examples", "match_features", "decoder_umap", "mapper")
+    return [
+        f"{R}/reports/geometry-{a['name']}.html" for k in kinds for a in analyses_of(k)
+    ]
+
+
+# --- report rules
+
+
+REP = f"{R}/reports"
+
+
+def neuronpedia_of(wildcards):
+    return config["saes"][ANALYSES[wildcards.analysis]["sae"]].get("neuronpedia")
+
+
+def similarity_tokens(wildcards):
+    a = ANALYSES[wildcards.analysis]
+    return tokens_path(a["model"], a["dataset"])
+
+
+def report_pages():
+    pages = [f"{REP}/umap-{a['name']}.html" for a in analyses_of("umap")]
+    pages += [f"{REP}/diffing-{a['name']}.html" for a in analyses_of("diffing")]
+    pages += [f"{REP}/similarity-{a['name']}.html" for a in analyses_of("similarity")]
+    pages += extra_report_pages()
+    if metrics_targets():
+        pages.append(f"{REP}/metrics-saes.html")
+    return pages
+
+
+def all_targets():
+    return [f"{REP}/index.html"]

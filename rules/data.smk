@@ -1,23 +1,6 @@
 """Datasets from the hub, local files or the organism, and their tokenization per model."""
 
 
-def dataset_inputs(wildcards):
-    spec = sfc.dataset_spec(config, wildcards.dataset)
-    if spec["source"] == "organism":
-        return {"corpus": f"{R}/organism/corpus/{spec['corpus']}.jsonl"}
-    if spec["source"] == "file":
-        return {"file": spec["path"]}
-    return {}
-
-
-def dataset_name(wildcards):
-    return wildcards.dataset
-
-
-def model_inputs(wildcards):
-    return model_files(wildcards.model)
-
-
 rule fetch_dataset:
     input:
         unpack(dataset_inputs),

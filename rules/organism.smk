@@ -1,9 +1,6 @@
 """The offline model organism: generated corpora, a BPE tokenizer, a tiny base LM and its chat
 fine-tune, all saved in the formats that hub models use."""
 
-ORG = f"{R}/organism"
-
-
 if ORGANISM:
 
     rule make_corpus:

@@ -2,8 +2,6 @@
 
 The cheap report rules run on the submit host under SLURM (localrules)."""
 
-REP = f"{R}/reports"
-
 
 localrules:
     report_umap,
@@ -11,25 +9,6 @@ localrules:
     report_similarity,
     report_metrics,
     report_index,
-
-
-def neuronpedia_of(wildcards):
-    return config["saes"][ANALYSES[wildcards.analysis]["sae"]].get("neuronpedia")
-
-
-def similarity_tokens(wildcards):
-    a = ANALYSES[wildcards.analysis]
-    return tokens_path(a["model"], a["dataset"])
-
-
-def report_pages():
-    pages = [f"{REP}/umap-{a['name']}.html" for a in analyses_of("umap")]
-    pages += [f"{REP}/diffing-{a['name']}.html" for a in analyses_of("diffing")]
-    pages += [f"{REP}/similarity-{a['name']}.html" for a in analyses_of("similarity")]
-    pages += extra_report_pages()
-    if metrics_targets():
-        pages.append(f"{REP}/metrics-saes.html")
-    return pages
 
 
 rule report_umap:
@@ -140,7 +119,3 @@ rule report_index:
         config=sfc.public_config(config),
     script:
         "../scripts/report_index.py"
-
-
-def all_targets():
-    return [f"{REP}/index.html"]

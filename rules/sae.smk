@@ -1,18 +1,5 @@
 """SAE training for the organism, sparse coding of cached activations, and SAE metrics."""
 
-
-def acts_input(wildcards):
-    return acts_path(wildcards.model, wildcards.dataset)
-
-
-def sae_inputs(wildcards):
-    return sae_files(wildcards.sae)
-
-
-def encode_params(wildcards):
-    return config["encode"]
-
-
 if ORGANISM_SAES_TOPK:
 
     rule train_sae:
