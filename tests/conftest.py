@@ -1,0 +1,297 @@
+"""Shared pieces of the workflow tests: a workflow copy, snakemake runs and the tiny run.
+
+Every workflow test works on a COPY of the workflow (Snakefile, rules, scripts, src, ...) in a
+temporary directory that is also the working directory, so results/ never land in the repo, a
+test may edit a script of its copy, and helpers editing the repo at the same time do not change
+what a test sees. The tiny config (tests/configs/tiny.yaml) runs once per session
+(`tiny_run`); tests that change files clone that finished run (`clone_run`) and work on the clone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The workflow under test; another checkout (e.g. one with a candidate fix) can stand in for it.
+WORKFLOW = Path(os.environ.get("SAEFLOW_TEST_WORKFLOW") or REPO)
+CONFIGS = REPO / "tests" / "configs"
+TINY = CONFIGS / "tiny.yaml"
+TINY_DATA = CONFIGS / "gsm8k_tiny.jsonl"
+WORKFLOW_ITEMS = (
+    "Snakefile",
+    "config.yaml",
+    "rules",
+    "scripts",
+    "schemas",
+    "envs",
+    "profiles",
+    "src",
+    "configs",
+)
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".snakemake", "results")
+_JOB = re.compile(r"^(?:local)?rule (\S+):$")
+CORES = "2"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a dry run: its rule and its wildcards as printed (`a=1, b=x`)."""
+
+    rule: str
+    wildcards: str = ""
+    output: str = ""
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.rule}[{self.wildcards}]" if self.wildcards else self.rule
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the workflow files (of WORKFLOW, the repo by default) into `dest`; returns `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_ITEMS:
+        src = WORKFLOW / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=_IGNORE, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def install_tiny_config(workdir: Path, name: str = "tiny.yaml") -> Path:
+    """tiny.yaml and the data file it names, side by side in `workdir`."""
+    shutil.copy2(TINY_DATA, workdir / TINY_DATA.name)
+    target = workdir / name
+    shutil.copy2(TINY, target)
+    return target
+
+
+def workflow_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a snakemake subprocess: offline, this venv first on PATH."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    env.pop("SAEFLOW_TEST_SHARD_DELAY", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def snakemake_cmd(workdir: Path, *args: str, snakefile: Path | None = None) -> list[str]:
+    """`python -m snakemake` on the workflow copy in `workdir` (its default profile applies)."""
+    snakefile = snakefile or workdir / "Snakefile"
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile),
+        "--directory",
+        str(workdir),
+        *args,
+    ]
+
+
+def run_snakemake(
+    workdir: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 900,
+    snakefile: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run snakemake to the end; on failure (with `check`) fail the test with the log's tail."""
+    proc = subprocess.run(
+        snakemake_cmd(workdir, *args, snakefile=snakefile),
+        cwd=workdir,
+        env=workflow_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{(proc.stdout + proc.stderr)[-8000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+def parse_dry_run(text: str) -> list[Job]:
+    """The jobs that a `snakemake -n` log lists (one `rule X:` / `localrule X:` block each)."""
+    jobs: list[Job] = []
+    current: dict[str, str] | None = None
+    for line in text.splitlines():
+        m = _JOB.match(line.strip()) if not line.startswith("    ") else None
+        if m:
+            if current is not None:
+                jobs.append(Job(**current))
+            current = {"rule": m.group(1)}
+            continue
+        if current is not None and line.startswith("    "):
+            key, _, value = line.strip().partition(": ")
+            if key in ("wildcards", "output", "reason"):
+                current[key] = value
+        elif current is not None and line.strip() and not line.startswith("["):
+            jobs.append(Job(**current))
+            current = None
+    if current is not None:
+        jobs.append(Job(**current))
+    return jobs
+
+
+def parse_job_stats(text: str) -> dict[str, int]:
+    """The first `Job stats:` table of a snakemake log as {rule: count} (without `total`)."""
+    lines = iter(text.splitlines())
+    for line in lines:
+        if line.strip() == "Job stats:":
+            break
+    else:
+        return {}
+    counts: dict[str, int] = {}
+    for line in lines:
+        parts = line.split()
+        if not parts or parts[0] == "total":
+            break
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def dry_run(workdir: Path, *args: str, env: Mapping[str, str] | None = None) -> list[Job]:
+    """Jobs that snakemake would run now (rule `all` left out).
+
+    The job blocks are cross-checked against snakemake's own `Job stats` table, so a change in
+    the log format fails loudly instead of reading as "no job".
+    """
+    proc = run_snakemake(workdir, "-n", "--cores", CORES, *args, env=env)
+    text = proc.stdout + proc.stderr
+    jobs = parse_dry_run(text)
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.rule] = counts.get(job.rule, 0) + 1
+    assert counts == parse_job_stats(text), f"cannot parse this dry run:\n{text[-4000:]}"
+    if not jobs:
+        assert "Nothing to be done" in text, text[-4000:]
+    return [j for j in jobs if j.rule != "all"]
+
+
+def job_names(jobs: Iterable[Job]) -> set[str]:
+    return {str(j) for j in jobs}
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file and directory under `root`."""
+    if not root.exists():
+        return {}
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (0 if p.is_dir() else st.st_size, st.st_mtime_ns)
+    return out
+
+
+def files_under(root: Path, pattern: str = "*") -> dict[str, bytes]:
+    """relative path -> bytes of every file under `root` matching `pattern`."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob(pattern)) if p.is_file()
+    }
+
+
+@dataclass
+class TinyRun:
+    """A finished run of the tiny config in `workdir` (do not modify it: clone it)."""
+
+    workdir: Path
+    configfile: Path
+    seconds: float
+    log: str
+
+    @property
+    def results(self) -> Path:
+        return self.workdir / "results"
+
+
+def clone_run(run: TinyRun, dest: Path) -> TinyRun:
+    """A copy of a finished run (workflow, config, results/ and .snakemake/ metadata, mtimes)."""
+    shutil.copytree(run.workdir, dest, symlinks=True, ignore=shutil.ignore_patterns("locks"))
+    return TinyRun(dest, dest / run.configfile.name, 0.0, "")
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None
+) -> None:
+    """Poll `predicate` until true; fail after `timeout` s or when `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"snakemake ended ({proc.returncode}) before {what}:\n{out[-6000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def start_snakemake(
+    workdir: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen:
+    """snakemake in its own process group (so a test can SIGKILL it with all its jobs)."""
+    return subprocess.Popen(
+        snakemake_cmd(workdir, *args),
+        cwd=workdir,
+        env=workflow_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+_tiny_failure: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The tiny config run once per session, start to end, on 2 cores.
+
+    `SAEFLOW_TEST_TINY_RUN=<dir>` keeps the run in <dir> across sessions: the workflow and config
+    are copied over it and snakemake brings it up to date (for debugging the tests).
+    """
+    if _tiny_failure:
+        pytest.fail(_tiny_failure[0], pytrace=False)
+    keep = os.environ.get("SAEFLOW_TEST_TINY_RUN")
+    workdir = copy_workflow(Path(keep) if keep else tmp_path_factory.mktemp("tiny") / "wf")
+    configfile = install_tiny_config(workdir)
+    if keep:  # an earlier session may have been interrupted
+        run_snakemake(workdir, "--configfile", configfile.name, "--unlock", check=False)
+    start = time.monotonic()
+    proc = run_snakemake(workdir, "--configfile", configfile.name, "--cores", CORES, check=False)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        _tiny_failure.append(f"the tiny run failed ({proc.returncode}):\n{log[-8000:]}")
+        pytest.fail(_tiny_failure[0], pytrace=False)
+    return TinyRun(workdir, configfile, time.monotonic() - start, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here too so these files also run without the pyproject markers.
+    for marker in ("workflow: runs snakemake on a tiny config", "slurm: needs a SLURM cluster"):
+        config.addinivalue_line("markers", marker)
