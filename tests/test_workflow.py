@@ -254,10 +254,6 @@ DETERMINISTIC = {
 KIND_OF_RULE = {"diff_stats": "diffing", "umap": "umap", "similarity": "similarity"}
 
 
-@pytest.mark.xfail(
-    reason="umap embedding.parquet is not yet byte-identical across processes (known, in the note)",
-    strict=False,
-)
 def test_analyses_rerun_to_the_same_bytes(tiny_run, tmp_path):
     run = clone_run(tiny_run, tmp_path / "wf")
     cfg = _config(run)

@@ -23,6 +23,7 @@ This module also holds the row-gathering layer shared by the diffing and similar
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import os
@@ -322,6 +323,32 @@ def enable_numba_cache(cache_dir: str | os.PathLike) -> int:
     return count
 
 
+@contextlib.contextmanager
+def seeded_eigsh(seed: int | None) -> Iterator[None]:
+    """Seed scipy's ARPACK restarts during a UMAP fit.
+
+    scipy >= 1.17 draws eigsh's restart vectors from an unseeded generator even when `v0` is
+    given, and umap's spectral init calls eigsh without `rng`: on data with repeated points (common
+    in sparse codes) a seeded fit then differs from process to process.
+    """
+    if seed is None:
+        yield
+        return
+    import scipy.sparse.linalg as spla
+
+    original = spla.eigsh
+
+    def eigsh(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("rng", np.random.default_rng(seed))
+        return original(*args, **kwargs)
+
+    spla.eigsh = eigsh
+    try:
+        yield
+    finally:
+        spla.eigsh = original
+
+
 def exact_knn(X: sp.csr_matrix | np.ndarray, n_neighbors: int, metric: str):
     """Exact kNN graph (self included, as umap expects): indices int64, distances float32."""
     import sklearn
@@ -365,7 +392,8 @@ def fit_umap(
     with warnings.catch_warnings():
         # "n_jobs overridden by random_state" and "no NNDescent search index": both expected.
         warnings.filterwarnings("ignore", category=UserWarning, module=r"umap\.")
-        embedding = reducer.fit_transform(X)
+        with seeded_eigsh(random_state):
+            embedding = reducer.fit_transform(X)
     return np.asarray(embedding, dtype=np.float32)
 
 

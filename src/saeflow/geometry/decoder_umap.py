@@ -83,7 +83,10 @@ def decoder_umap(
         random_state=random_state,
         n_jobs=1 if random_state is not None else -1,
     )
-    emb = reducer.fit_transform(X).astype(np.float32)
+    from saeflow.embedding import seeded_eigsh
+
+    with seeded_eigsh(random_state):
+        emb = reducer.fit_transform(X).astype(np.float32)
     for d, axis in enumerate("xyz"[:n_components]):
         meta[axis] = emb[:, d]
     return meta

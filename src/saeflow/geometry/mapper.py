@@ -217,7 +217,10 @@ def compute_lens(X: Any, params: Mapping[str, Any]) -> np.ndarray:
         random_state=seed,
         n_jobs=1,
     )
-    return reducer.fit_transform(Z)
+    from saeflow.embedding import seeded_eigsh
+
+    with seeded_eigsh(seed):
+        return reducer.fit_transform(Z)
 
 
 def auto_scale(Z: np.ndarray, k: int, quantile: float, seed: int = 0) -> float:

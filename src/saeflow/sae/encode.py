@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,7 @@ def encode_sae(
                 "bytes": sizes,
             }
             sio.write_json(out_dir / PROGRESS, progress)
+            time.sleep(float(os.environ.get("SAEFLOW_TEST_SHARD_DELAY", "0") or 0))
             bar.update(len(seq_N))
             if shard_name == todo[-1]:
                 break
