@@ -1,6 +1,6 @@
 """Benchmark: activation caching vs its floor and the naive ways to get one layer's activations.
 
-Usage: PYTHONPATH=src python bench/cache.py [--n-seqs 128] [--layer 1] [--repeats 3]
+Usage: PYTHONPATH=src python bench/cache.py [--n-seqs 128] [--layer 1] [--repeats 5]
 
 Model: tiny GPT-2 (d=256, 4 blocks, vocab 50257, random weights), whose LM head is large next to
 its blocks, so stopping early matters. Data: B32 x T128 random token ids. Variants:
@@ -133,17 +133,18 @@ def speed(names: list[str], model_dir: Path, tokens_path: Path, layer: int, repe
     variants = {n: setup(n, model_dir, tokens_path, layer) for n in names}
     for v in variants.values():
         v["warm"](batches[:1])
-    best = {n: float("inf") for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n, v in variants.items():
             if n == "naive" and r > 0:  # ~10x slower than the rest: one pass is enough
                 continue
             t0 = time.perf_counter()
             v["run"](batches)
-            best[n] = min(best[n], time.perf_counter() - t0)
+            times[n].append(time.perf_counter() - t0)
     return {
         n: {
-            "tok_s": n_tokens / best[n],
+            "tok_s": n_tokens / min(times[n]),
+            "times": times[n],
             "load_s": v["load_s"],
             "weight_mb": v["weight_mb"],
             "block_weight_mb": v["block_weight_mb"],
@@ -156,7 +157,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-seqs", type=int, default=128)
     p.add_argument("--layer", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (best kept); naive: 1")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (best kept); naive: 1")
     p.add_argument("--memory", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=Path, help=argparse.SUPPRESS)
@@ -216,6 +217,11 @@ def main() -> None:
         if base in rows:
             goal = f" (target >= {target}x)" if target else ""
             print(f"cache / {base}: {c['tok_s'] / rows[base]['tok_s']:.2f}x tok/s{goal}")
+    paired = sorted(f / t for f, t in zip(rows["floor"]["times"], c["times"], strict=True))
+    print(
+        f"cache / floor per round (paired, {len(paired)} rounds): min {paired[0]:.2f}x, "
+        f"median {paired[len(paired) // 2]:.2f}x, max {paired[-1]:.2f}x"
+    )
     n = rows["naive"]
     print(
         f"weights cache / full: {c['weight_mb'] / n['weight_mb']:.2f} (all), "

@@ -189,6 +189,35 @@ def test_other_config_hash_is_discarded(tmp_path, models, tokens, caplog):
     assert _files(tmp_path / "mixed") == _files(tmp_path / "fresh")
 
 
+def test_changed_weights_in_same_folder_invalidate_shards(tmp_path, models, tokens, caplog):
+    """The resume key hashes the weight bytes: a retrained model in place reuses no shard."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(models["gpt2"], folder)
+    spec = {"path": str(folder)}
+    kw = {"layer": 0, "batch_size": 4, "fmt": "parquet", "shard_tokens": 25, "device": "cpu"}
+    first = cache_activations(spec, tokens, tmp_path / "out", **kw)
+    n = len(first["shards"])
+    weights = next(folder.glob("*.safetensors"))
+    state = load_file(weights)
+    save_file(state, weights, metadata={"format": "pt"})  # same tensors rewritten: same key
+    with caplog.at_level(logging.INFO, logger="saeflow"):
+        again = cache_activations(spec, tokens, tmp_path / "out", **kw)
+    assert again["config_hash"] == first["config_hash"], "rewriting equal bytes changed the key"
+    assert f"skipped {n} of {n} shards" in caplog.text
+    name = next(k for k in state if k.endswith("h.0.mlp.c_fc.bias"))
+    state[name] = state[name] + 1.0  # one bias of block 0: a small in-place retrain
+    save_file(state, weights, metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="saeflow"):
+        changed = cache_activations(spec, tokens, tmp_path / "out", **kw)
+    assert changed["config_hash"] != first["config_hash"]
+    assert f"skipped 0 of {n} shards" in caplog.text
+
+
 _CHILD = """
 import sys
 from saeflow.activations import cache_activations

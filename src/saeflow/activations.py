@@ -15,13 +15,13 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
+import mmap
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import xxhash
 from torch import nn
 from tqdm import tqdm
 
@@ -90,8 +91,10 @@ def _read_tokens(tokens_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def _model_fingerprint(path: str, revision: str | None) -> dict[str, Any]:
     """Identify the weights, so a retrained model in the same folder invalidates old shards.
 
-    Local folders hash config.json and the weight files (contents when they total <= 1 GiB,
-    otherwise names, sizes and safetensors headers); hub names rely on name + revision.
+    Local folders hash config.json and the weight files: contents when they total <= 1 GiB,
+    otherwise names, sizes and safetensors headers; hub names rely on name + revision. Contents
+    go through xxh3-128 over an mmap (~10 GB/s, no copy): this is change detection, not
+    security, and a sha256 of the weights alone cost a short caching job ~5% of its time.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -99,62 +102,99 @@ def _model_fingerprint(path: str, revision: str | None) -> dict[str, Any]:
     weights = sorted(
         p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")
     )
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     config = folder / "config.json"
     if config.exists():
         h.update(config.read_bytes())
     full = sum(p.stat().st_size for p in weights) <= _FULL_HASH_LIMIT
     for p in weights:
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
-        if full:
-            h.update(sio.file_sha256(p).encode())
-        elif p.suffix == ".safetensors":
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        if full and size:
+            with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                h.update(m)
+        elif not full and p.suffix == ".safetensors":
             with open(p, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 h.update(f.read(min(n, 1 << 26)))
-    return {"local": h.hexdigest()[:16]}
+    return {"local_xxh3": h.hexdigest()}
 
 
 # ----------------------------------------------------------------------------- shard i/o
 
 
+class _ParquetShard:
+    """One Parquet shard written a row group at a time under a temporary name.
+
+    Row groups are appended as batches finish, so the writer thread overlaps the disk write with
+    the next batch's forward instead of writing the whole shard after its last batch. Fixed
+    writer settings and row-group boundaries (set by batch_size, which is in the config hash)
+    make equal inputs give equal bytes. Only `commit` moves the file to its real name.
+    """
+
+    def __init__(self, path: Path, width: int) -> None:
+        self.path = path
+        self.tmp = sio.tmp_sibling(path)
+        fields = [("seq_id", pa.int32()), ("pos", pa.int32()), ("act", pa.binary(width))]
+        schema = pa.schema(fields)
+        self.writer = pq.ParquetWriter(
+            self.tmp,
+            schema,
+            compression={"seq_id": "zstd", "pos": "zstd", "act": "none"},
+            use_dictionary=["seq_id", "pos"],
+            write_statistics=["seq_id", "pos"],
+        )
+        self.schema = schema
+        self.closed = False
+
+    def append(self, seq_N: np.ndarray, pos_N: np.ndarray, acts_ND: torch.Tensor) -> None:
+        n = acts_ND.shape[0]
+        raw = acts_ND.contiguous().view(torch.uint8).numpy()
+        act = pa.FixedSizeBinaryArray.from_buffers(
+            self.schema.field("act").type, n, [None, pa.py_buffer(raw)]
+        )
+        arrays = [pa.array(seq_N, pa.int32()), pa.array(pos_N, pa.int32()), act]
+        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+
+    def commit(self, appends: Sequence[Future] = ()) -> None:
+        """Rename into place, but only if every row group in `appends` was written."""
+        try:
+            for f in appends:
+                f.result()
+            self.writer.close()
+            self.closed = True
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.writer.close()
+            self.closed = True
+        self.tmp.unlink(missing_ok=True)
+
+
 def _write_shard(
     path: Path, fmt: str, seq_N: np.ndarray, pos_N: np.ndarray, acts_ND: torch.Tensor
 ) -> None:
-    """Write one shard atomically, with fixed settings so equal inputs give equal bytes."""
+    """Write one whole shard atomically (one row group for Parquet)."""
+    if fmt == "parquet":
+        shard = _ParquetShard(path, acts_ND.shape[1] * acts_ND.element_size())
+        try:
+            shard.append(seq_N, pos_N, acts_ND)
+        except BaseException:
+            shard.abort()
+            raise
+        shard.commit()
+        return
     with sio.atomic_path(path) as tmp:
-        if fmt == "parquet":
-            n, d = acts_ND.shape
-            width = d * acts_ND.element_size()
-            raw = acts_ND.contiguous().view(torch.uint8).numpy()
-            act = pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(width), n, [None, pa.py_buffer(raw)]
-            )
-            table = pa.table(
-                {
-                    "seq_id": pa.array(seq_N, pa.int32()),
-                    "pos": pa.array(pos_N, pa.int32()),
-                    "act": act,
-                }
-            )
-            pq.write_table(
-                table,
-                tmp,
-                compression={"seq_id": "zstd", "pos": "zstd", "act": "none"},
-                use_dictionary=["seq_id", "pos"],
-                write_statistics=["seq_id", "pos"],
-            )
-        else:
-            buf = io.BytesIO()  # not the file name: torch.save embeds it in the archive
-            torch.save(
-                {
-                    "seq_id": torch.from_numpy(seq_N),
-                    "pos": torch.from_numpy(pos_N),
-                    "act": acts_ND.contiguous(),
-                },
-                buf,
-            )
-            tmp.write_bytes(buf.getvalue())
+        buf = io.BytesIO()  # not the file name: torch.save embeds it in the archive
+        torch.save(
+            {"seq_id": torch.from_numpy(seq_N), "pos": torch.from_numpy(pos_N), "act": acts_ND},
+            buf,
+        )
+        tmp.write_bytes(buf.getvalue())
 
 
 def _read_shard(
@@ -397,19 +437,30 @@ def _run_shards(
     padding_side: str,
     dtype_name: str,
 ) -> None:
-    """Forward the missing shards; a single writer thread overlaps disk writes with compute."""
+    """Forward the missing shards; a single writer thread overlaps disk writes with compute.
+
+    Parquet shards stream one row group per batch; `.pt` shards are saved whole. The writer
+    runs tasks in submission order, and a shard's record goes into the progress file only after
+    its file has its real name.
+    """
     delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
     lengths = np.diff(offsets)
     total = int(sum(offsets[plan[i][1]] - offsets[plan[i][0]] for i in todo))
     bar = tqdm(total=total, unit="tok", unit_scale=True, file=sys.stderr, mininterval=2.0)
-    pending: Future | None = None
 
     def finish(
-        name: str, n_seqs: int, seq_N: np.ndarray, pos_N: np.ndarray, acts_ND: torch.Tensor
+        name: str,
+        n_seqs: int,
+        shard: _ParquetShard | None,
+        appends: list[Future],
+        rows: tuple[np.ndarray, np.ndarray, torch.Tensor],
     ) -> None:
-        _write_shard(out_dir / name, fmt, seq_N, pos_N, acts_ND)
+        if shard is not None:
+            shard.commit(appends)
+        else:
+            _write_shard(out_dir / name, fmt, *rows)
         progress["shards"][name] = {
-            "n_tokens": len(seq_N),
+            "n_tokens": len(rows[0]),
             "n_sequences": n_seqs,
             "bytes": (out_dir / name).stat().st_size,
         }
@@ -417,40 +468,60 @@ def _run_shards(
         if delay:
             time.sleep(delay)
 
+    opened: list[_ParquetShard] = []
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for i in todo:
-            start, stop = plan[i]
-            n_shard = int(offsets[stop] - offsets[start])
-            acts_ND: torch.Tensor | None = None  # allocated once D and dtype are known
-            row = 0
-            for b0 in range(start, stop, batch_size):
-                b1 = min(b0 + batch_size, stop)
-                lens_B = lengths[b0:b1]
-                if lens_B.max() == 0:
-                    continue
-                ids_BP, mask_BP = _batch_inputs(
-                    lens_B, flat[offsets[b0] : offsets[b1]], padding_side
-                )
-                acts_BPD = capture_layer(model, layer, ids_BP, mask_BP)
-                if acts_ND is None:
-                    acts_ND = torch.empty(n_shard, acts_BPD.shape[-1], dtype=acts_BPD.dtype)
-                n = int(lens_B.sum())
-                _gather_rows(acts_BPD, mask_BP, acts_ND[row : row + n])
-                row += n
-                bar.update(n)
-            lens_S = lengths[start:stop]
-            seq_N = np.repeat(seq_ids[start:stop], lens_S).astype(np.int32)
-            pos_N = np.arange(n_shard) - np.repeat(offsets[start:stop] - offsets[start], lens_S)
-            pos_N = pos_N.astype(np.int32)
-            assert acts_ND is not None and row == n_shard, "shard plan and batches disagree"
-            if "d_model" not in progress:
-                progress["d_model"] = int(acts_ND.shape[1])
-                progress["dtype"] = _DTYPE_NAMES[acts_ND.dtype]
+        pending: Future | None = None
+        try:
+            for i in todo:
+                start, stop = plan[i]
+                n_shard = int(offsets[stop] - offsets[start])
+                lens_S = lengths[start:stop]
+                seq_N = np.repeat(seq_ids[start:stop], lens_S).astype(np.int32)
+                pos_N = np.arange(n_shard) - np.repeat(offsets[start:stop] - offsets[start], lens_S)
+                pos_N = pos_N.astype(np.int32)
+                acts_ND: torch.Tensor | None = None  # allocated once D and dtype are known
+                shard: _ParquetShard | None = None
+                appends: list[Future] = []
+                row = 0
+                for b0 in range(start, stop, batch_size):
+                    b1 = min(b0 + batch_size, stop)
+                    lens_B = lengths[b0:b1]
+                    if lens_B.max() == 0:
+                        continue
+                    ids_BP, mask_BP = _batch_inputs(
+                        lens_B, flat[offsets[b0] : offsets[b1]], padding_side
+                    )
+                    acts_BPD = capture_layer(model, layer, ids_BP, mask_BP)
+                    if acts_ND is None:
+                        acts_ND = torch.empty(n_shard, acts_BPD.shape[-1], dtype=acts_BPD.dtype)
+                        if fmt == "parquet":
+                            width = acts_ND.shape[1] * acts_ND.element_size()
+                            shard = _ParquetShard(out_dir / names[i], width)
+                            opened.append(shard)
+                    n = int(lens_B.sum())
+                    _gather_rows(acts_BPD, mask_BP, acts_ND[row : row + n])
+                    if shard is not None:
+                        rows = slice(row, row + n)
+                        args = (seq_N[rows], pos_N[rows], acts_ND[rows])
+                        appends.append(writer.submit(shard.append, *args))
+                    row += n
+                    bar.update(n)
+                assert acts_ND is not None and row == n_shard, "shard plan and batches disagree"
+                if "d_model" not in progress:
+                    progress["d_model"] = int(acts_ND.shape[1])
+                    progress["dtype"] = _DTYPE_NAMES[acts_ND.dtype]
+                if pending is not None:  # bounds memory to two shards and surfaces errors
+                    pending.result()
+                rows_all = (seq_N, pos_N, acts_ND)
+                pending = writer.submit(finish, names[i], stop - start, shard, appends, rows_all)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(finish, names[i], stop - start, seq_N, pos_N, acts_ND)
-        if pending is not None:
-            pending.result()
+        except BaseException:
+            writer.shutdown(wait=True, cancel_futures=True)
+            for shard in opened:
+                if not shard.closed:
+                    shard.abort()
+            raise
     bar.close()
     if progress.get("dtype") != dtype_name:
         log.warning(

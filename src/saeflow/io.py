@@ -8,11 +8,13 @@ new one is complete.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,60 @@ PROGRESS = ".progress.json"
 log = logging.getLogger("saeflow.io")
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def tmp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """Hidden sibling `.name.tmp-HOST-PID`: never mistaken for a result, owner identifiable."""
+    return path.with_name(f".{path.name}.{kind}-{_HOST}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_siblings(path: Path, kind: str) -> list[Path]:
+    """Siblings of `kind` left by a process of this host that no longer runs (a killed job).
+
+    Other hosts' siblings are left alone: on a shared filesystem their owner may still run.
+    """
+    dead = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.{kind}-{glob.escape(_HOST)}-*"):
+        pid = p.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            dead.append(p)
+    return dead
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def sweep_dead_siblings(path: str | os.PathLike) -> None:
+    """Tidy what killed writers of `path` left behind, and put back a result caught mid-swap.
+
+    `atomic_dir` moves the old result to `.name.old-HOST-PID` before renaming the new one in; a
+    kill between the two renames leaves no `path`, so the old result is renamed back.
+    """
+    path = Path(path)
+    for old in _dead_siblings(path, "old"):
+        if path.exists():
+            _remove(old)
+        else:
+            os.replace(old, path)
+            log.warning("restored %s from %s, left by a killed job", path, old.name)
+    for tmp in _dead_siblings(path, "tmp"):
+        _remove(tmp)
+        log.info("removed %s, left by a killed job", tmp.name)
 
 
 @contextlib.contextmanager
@@ -32,7 +86,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    sweep_dead_siblings(path)
+    tmp = tmp_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -46,13 +101,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; swap it in for `path` (replacing any old one) on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    sweep_dead_siblings(path)
+    tmp = tmp_sibling(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = tmp_sibling(path, "old")
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
