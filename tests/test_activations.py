@@ -218,6 +218,32 @@ def test_changed_weights_in_same_folder_invalidate_shards(tmp_path, models, toke
     assert f"skipped 0 of {n} shards" in caplog.text
 
 
+
+def test_failed_row_group_write_commits_nothing(tmp_path, models, tokens, monkeypatch):
+    """A shard whose row-group write fails is neither renamed into place nor recorded."""
+    from saeflow import activations
+
+    real_append = activations._ParquetShard.append
+
+    def flaky_append(self, *args):
+        if self.path.name == "part-00001.parquet":
+            raise OSError("disk full")
+        real_append(self, *args)
+
+    monkeypatch.setattr(activations._ParquetShard, "append", flaky_append)
+    out = tmp_path / "out"
+    kw = {"layer": 0, "batch_size": 4, "fmt": "parquet", "shard_tokens": 40, "device": "cpu"}
+    with pytest.raises(OSError, match="disk full"):
+        cache_activations({"path": str(models["gpt2"])}, tokens, out, **kw)
+    done = json.loads((out / PROGRESS).read_text())["shards"]
+    assert sorted(done) == ["part-00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [PROGRESS, "part-00000.parquet"]
+    monkeypatch.setattr(activations._ParquetShard, "append", real_append)
+    resumed = cache_activations({"path": str(models["gpt2"])}, tokens, out, **kw)
+    fresh = cache_activations({"path": str(models["gpt2"])}, tokens, tmp_path / "fresh", **kw)
+    assert resumed == fresh and _files(out) == _files(tmp_path / "fresh")
+
+
 _CHILD = """
 import sys
 from saeflow.activations import cache_activations
