@@ -218,7 +218,6 @@ def test_changed_weights_in_same_folder_invalidate_shards(tmp_path, models, toke
     assert f"skipped 0 of {n} shards" in caplog.text
 
 
-
 def test_failed_row_group_write_commits_nothing(tmp_path, models, tokens, monkeypatch):
     """A shard whose row-group write fails is neither renamed into place nor recorded."""
     from saeflow import activations
