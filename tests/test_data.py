@@ -23,10 +23,11 @@ ROWS = [
 
 @pytest.fixture
 def gsm8k(tmp_path: Path) -> Path:
-    """A few rows of the real GSM8K test split from the shared data folder beside the checkout."""
+    """A few rows of the real GSM8K test split (MIT): the shared data folder beside the checkout,
+    else the 24-row copy committed under tests/configs, so a bare clone never skips this."""
     src = Path(__file__).parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
     if not src.is_file():
-        pytest.skip(f"shared GSM8K sample not found at {src}")
+        src = Path(__file__).parent / "configs" / "gsm8k_tiny.jsonl"
     with open(src, encoding="utf-8") as f:
         lines = [next(f) for _ in range(5)]
     path = tmp_path / "gsm8k.jsonl"
