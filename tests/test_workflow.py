@@ -22,6 +22,7 @@ import pytest
 import yaml
 from conftest import (
     CORES,
+    PARALLEL,
     Job,
     TinyRun,
     clone_run,
@@ -266,8 +267,7 @@ def test_analyses_rerun_to_the_same_bytes(tiny_run, tmp_path):
         *(f"results/{t}" for t in targets),
         "--configfile",
         run.configfile.name,
-        "--cores",
-        CORES,
+        *PARALLEL,
         "--forcerun",
         *DETERMINISTIC,
     )

@@ -11,13 +11,17 @@ import numpy as np
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch so the same config gives the same bytes."""
+    """Seed python, numpy and torch so the same config gives the same bytes.
+
+    torch is seeded only when something has imported it already: importing it here would cost
+    the torch-free jobs (fetch, diffing, similarity, UMAP) ~3 s each. A module that draws from
+    torch imports it at the top, so it is loaded before any entry point calls this.
+    """
     random.seed(seed)
     np.random.seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
-    try:
-        import torch
-    except ImportError:
+    torch = sys.modules.get("torch")
+    if torch is None:
         return
     torch.manual_seed(seed)
     if torch.cuda.is_available():
