@@ -99,6 +99,23 @@ def test_full_run_builds_every_target(tiny_run):
     assert not leftovers, leftovers
 
 
+def test_snakemake_report_bundles_every_page(tiny_run, tmp_path):
+    """`snakemake --report report.zip` holds the whole offline site, index first."""
+    import zipfile
+
+    report = tmp_path / "report.zip"
+    run_snakemake(
+        tiny_run.workdir, "--configfile", tiny_run.configfile.name, "--report", str(report)
+    )
+    with zipfile.ZipFile(report) as z:
+        names = z.namelist()
+        html = z.read("report/report.html").decode()
+    pages = {p.name for p in (tiny_run.results / "reports").iterdir()}
+    bundled = {Path(n).name for n in names if "/data/raw/" in n}
+    assert pages <= bundled, sorted(pages - bundled)
+    assert "index.html" in html
+
+
 def test_second_run_executes_no_job(tiny_run):
     proc = run_snakemake(
         tiny_run.workdir, "--configfile", tiny_run.configfile.name, "--cores", CORES
