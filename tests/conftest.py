@@ -9,11 +9,14 @@ what a test sees. The tiny config (tests/configs/tiny.yaml) runs once per sessio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ CORES = "2"
 # once on 2 cores cut the tiny run from ~3.9 to ~2.8 min. Rule threads stay at most 2 either way,
 # so the bytes written are the same.
 PARALLEL = ("--cores", "3", "--resources", "gpu=3")
+TINY_TIMEOUT = 1200
 
 
 @dataclass(frozen=True)
@@ -273,22 +277,90 @@ def start_snakemake(
 _tiny_failure: list[str] = []
 
 
+@dataclass
+class _BackgroundRun:
+    """The tiny run started right after collection, so the unit tests overlap it."""
+
+    root: Path
+    workdir: Path
+    configfile: Path
+    log_path: Path
+    proc: subprocess.Popen
+    start: float
+
+
+_tiny_background: list[_BackgroundRun] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the tiny run now if a collected test needs it (not with SAEFLOW_TEST_TINY_RUN).
+
+    The run is mostly interpreter and torch start-up in small jobs and the unit tests mostly use
+    one core, so running both at once saves wall time on 2 cores; `tiny_run` waits for it.
+    """
+    if session.config.option.collectonly or os.environ.get("SAEFLOW_TEST_TINY_RUN"):
+        return
+    if not any("tiny_run" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    root = Path(tempfile.mkdtemp(prefix="saeflow-tiny-"))
+    workdir = copy_workflow(root / "wf")
+    configfile = install_tiny_config(workdir)
+    log_path = root / "tiny_run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            snakemake_cmd(workdir, "--configfile", configfile.name, *PARALLEL),
+            cwd=workdir,
+            env=workflow_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _tiny_background.append(
+        _BackgroundRun(root, workdir, configfile, log_path, proc, time.monotonic())
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop a background tiny run that is still going (interrupted session) and remove it."""
+    for run in _tiny_background:
+        if run.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait()
+        shutil.rmtree(run.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     """The tiny config run once per session, start to end, three jobs at a time (PARALLEL).
 
-    `SAEFLOW_TEST_TINY_RUN=<dir>` keeps the run in <dir> across sessions: the workflow and config
-    are copied over it and snakemake brings it up to date (for debugging the tests).
+    Started in the background after collection (see pytest_collection_finish); this waits for
+    it. `SAEFLOW_TEST_TINY_RUN=<dir>` keeps the run in <dir> across sessions instead: the
+    workflow and config are copied over it and snakemake brings it up to date (for debugging).
     """
     if _tiny_failure:
         pytest.fail(_tiny_failure[0], pytrace=False)
+    if _tiny_background:
+        run = _tiny_background[0]
+        try:
+            returncode = run.proc.wait(timeout=TINY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            returncode = run.proc.wait()
+        log = run.log_path.read_text()
+        if returncode != 0:
+            _tiny_failure.append(f"the tiny run failed ({returncode}):\n{log[-8000:]}")
+            pytest.fail(_tiny_failure[0], pytrace=False)
+        return TinyRun(run.workdir, run.configfile, time.monotonic() - run.start, log)
     keep = os.environ.get("SAEFLOW_TEST_TINY_RUN")
     workdir = copy_workflow(Path(keep) if keep else tmp_path_factory.mktemp("tiny") / "wf")
     configfile = install_tiny_config(workdir)
     if keep:  # an earlier session may have been interrupted
         run_snakemake(workdir, "--configfile", configfile.name, "--unlock", check=False)
     start = time.monotonic()
-    proc = run_snakemake(workdir, "--configfile", configfile.name, *PARALLEL, check=False)
+    proc = run_snakemake(
+        workdir, "--configfile", configfile.name, *PARALLEL, check=False, timeout=TINY_TIMEOUT
+    )
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         _tiny_failure.append(f"the tiny run failed ({proc.returncode}):\n{log[-8000:]}")
