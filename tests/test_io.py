@@ -71,10 +71,25 @@ def test_result_caught_between_the_two_renames_is_restored(tmp_path, dead_pid):
     old = _sibling(out, "old", dead_pid)
     old.mkdir()
     (old / "cfg.json").write_text("{}")
-    sio.sweep_dead_siblings(out)
+    sio.sweep_dead_siblings(tmp_path)
     assert (out / "cfg.json").read_text() == "{}"
     assert not old.exists()
     # With the result in place, a dead writer's old copy is just litter.
     old.mkdir()
-    sio.sweep_dead_siblings(out)
+    sio.sweep_dead_siblings(tmp_path)
     assert not old.exists() and (out / "cfg.json").exists()
+
+
+def test_a_folder_is_listed_once_per_process(tmp_path, monkeypatch):
+    """A stage writing thousands of files into one folder must not list it once per file."""
+    listed = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path):
+        listed.append(Path(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(sio.os, "scandir", counting_scandir)
+    for i in range(50):
+        sio.write_json(tmp_path / f"{i}.json", {"i": i})
+    assert listed == [tmp_path]

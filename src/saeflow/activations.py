@@ -191,7 +191,11 @@ def _write_shard(
     with sio.atomic_path(path) as tmp:
         buf = io.BytesIO()  # not the file name: torch.save embeds it in the archive
         torch.save(
-            {"seq_id": torch.from_numpy(seq_N), "pos": torch.from_numpy(pos_N), "act": acts_ND},
+            {
+                "seq_id": torch.from_numpy(seq_N),
+                "pos": torch.from_numpy(pos_N),
+                "act": acts_ND.contiguous(),
+            },
             buf,
         )
         tmp.write_bytes(buf.getvalue())

@@ -8,11 +8,11 @@ new one is complete.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 from collections.abc import Container, Iterator
@@ -26,6 +26,8 @@ log = logging.getLogger("saeflow.io")
 
 
 _HOST = socket.gethostname().replace("/", "_")
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
+_SWEPT: set[Path] = set()
 
 
 def tmp_sibling(path: Path, kind: str = "tmp") -> Path:
@@ -43,19 +45,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _dead_siblings(path: Path, kind: str) -> list[Path]:
-    """Siblings of `kind` left by a process of this host that no longer runs (a killed job).
-
-    Other hosts' siblings are left alone: on a shared filesystem their owner may still run.
-    """
-    dead = []
-    for p in path.parent.glob(f".{glob.escape(path.name)}.{kind}-{glob.escape(_HOST)}-*"):
-        pid = p.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            dead.append(p)
-    return dead
-
-
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
@@ -63,22 +52,41 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def sweep_dead_siblings(path: str | os.PathLike) -> None:
-    """Tidy what killed writers of `path` left behind, and put back a result caught mid-swap.
+def sweep_dead_siblings(folder: str | os.PathLike) -> None:
+    """Tidy what killed writers left in `folder`, and put back a result caught mid-swap.
 
-    `atomic_dir` moves the old result to `.name.old-HOST-PID` before renaming the new one in; a
-    kill between the two renames leaves no `path`, so the old result is renamed back.
+    Only siblings of this host whose process no longer runs are touched: on a shared filesystem
+    another host's writer may still be running. `atomic_dir` moves the old result to
+    `.NAME.old-HOST-PID` before renaming the new one in; a kill between the two renames leaves no
+    NAME, so the old result is renamed back (old siblings sort before tmp ones).
     """
-    path = Path(path)
-    for old in _dead_siblings(path, "old"):
-        if path.exists():
-            _remove(old)
+    folder = Path(folder)
+    try:
+        names = [e.name for e in os.scandir(folder)]
+    except FileNotFoundError:
+        return
+    for entry in sorted(names, key=lambda n: (".tmp-" in n, n)):
+        m = _SIBLING.match(entry)
+        if not m or m["host"] != _HOST:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        sibling, result = folder / entry, folder / m["name"]
+        if m["kind"] == "old" and not result.exists():
+            os.replace(sibling, result)
+            log.warning("restored %s from %s, left by a killed job", result, entry)
         else:
-            os.replace(old, path)
-            log.warning("restored %s from %s, left by a killed job", path, old.name)
-    for tmp in _dead_siblings(path, "tmp"):
-        _remove(tmp)
-        log.info("removed %s, left by a killed job", tmp.name)
+            _remove(sibling)
+            log.info("removed %s, left by a killed job", entry)
+
+
+def _sweep_once(folder: Path) -> None:
+    """Sweep each folder once per process: a stage writing many files there pays one listing."""
+    key = folder.resolve()
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        sweep_dead_siblings(folder)
 
 
 @contextlib.contextmanager
@@ -86,7 +94,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead_siblings(path)
+    _sweep_once(path.parent)
     tmp = tmp_sibling(path)
     try:
         yield tmp
@@ -101,7 +109,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; swap it in for `path` (replacing any old one) on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead_siblings(path)
+    _sweep_once(path.parent)
     tmp = tmp_sibling(path)
     if tmp.exists():
         shutil.rmtree(tmp)
