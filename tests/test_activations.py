@@ -243,6 +243,26 @@ def test_failed_row_group_write_commits_nothing(tmp_path, models, tokens, monkey
     assert resumed == fresh and _files(out) == _files(tmp_path / "fresh")
 
 
+def test_streamed_row_groups_are_coalesced(tmp_path, models, tokens, monkeypatch):
+    """Batches of one short sequence do not become one tiny Parquet row group each."""
+    import pyarrow.parquet as pq
+
+    from saeflow import activations
+
+    spec = {"path": str(models["gpt2"])}
+    kw = {"layer": 0, "batch_size": 1, "fmt": "parquet", "shard_tokens": 10_000, "device": "cpu"}
+    m = cache_activations(spec, tokens, tmp_path / "one", **kw)
+    assert pq.ParquetFile(tmp_path / "one" / m["shards"][0]["file"]).num_row_groups == 1
+    monkeypatch.setattr(activations, "ROW_GROUP_ROWS", 30)
+    m = cache_activations(spec, tokens, tmp_path / "many", **kw)
+    groups = pq.ParquetFile(tmp_path / "many" / m["shards"][0]["file"]).metadata
+    sizes = [groups.row_group(g).num_rows for g in range(groups.num_row_groups)]
+    assert len(sizes) > 1 and all(n >= 30 for n in sizes[:-1]), sizes
+    a, b = load_activations(tmp_path / "one"), load_activations(tmp_path / "many")
+    assert all(np.array_equal(x, y) for x, y in zip(a[:2], b[:2], strict=True))
+    assert torch.equal(a[2], b[2])
+
+
 _CHILD = """
 import sys
 from saeflow.activations import cache_activations

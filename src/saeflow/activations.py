@@ -49,6 +49,9 @@ HOOK = "resid_post"
 # Seconds to sleep after each finished shard: lets the kill test catch a run between shards.
 TEST_DELAY_ENV = "SAEFLOW_TEST_SHARD_DELAY"
 _FULL_HASH_LIMIT = 1 << 30
+# Rows per streamed Parquet row group, at least: small batches of short sequences are coalesced
+# so readers never face thousands of tiny row groups.
+ROW_GROUP_ROWS = 2048
 _STORE_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -128,8 +131,8 @@ class _ParquetShard:
 
     Row groups are appended as batches finish, so the writer thread overlaps the disk write with
     the next batch's forward instead of writing the whole shard after its last batch. Fixed
-    writer settings and row-group boundaries (set by batch_size, which is in the config hash)
-    make equal inputs give equal bytes. Only `commit` moves the file to its real name.
+    writer settings and row-group boundaries (set by the batches, and batch_size is in the
+    config hash) make equal inputs give equal bytes. Only `commit` moves the file to its real name.
     """
 
     def __init__(self, path: Path, width: int) -> None:
@@ -360,7 +363,8 @@ def cache_activations(
         _model_fingerprint(path, revision),
         {"layer": layer, "batch_size": batch_size, "format": fmt, "shard_tokens": shard_tokens},
         {"dtype": dtype_name, "device_type": dev.type, "seed": seed, "padding_side": padding_side},
-        {"tokens_sha256": sio.file_sha256(tokens_path), "hook": HOOK, "version": 1},
+        {"tokens_sha256": sio.file_sha256(tokens_path), "hook": HOOK, "version": 2},
+        {"row_group_rows": ROW_GROUP_ROWS},
     )
 
     out_dir = Path(out_dir)
@@ -443,7 +447,8 @@ def _run_shards(
 ) -> None:
     """Forward the missing shards; a single writer thread overlaps disk writes with compute.
 
-    Parquet shards stream one row group per batch; `.pt` shards are saved whole. The writer
+    Parquet shards stream a row group whenever ROW_GROUP_ROWS rows have accumulated (batch
+    boundaries only, so the layout is deterministic); `.pt` shards are saved whole. The writer
     runs tasks in submission order, and a shard's record goes into the progress file only after
     its file has its real name.
     """
@@ -486,7 +491,7 @@ def _run_shards(
                 acts_ND: torch.Tensor | None = None  # allocated once D and dtype are known
                 shard: _ParquetShard | None = None
                 appends: list[Future] = []
-                row = 0
+                row = flushed = 0
                 for b0 in range(start, stop, batch_size):
                     b1 = min(b0 + batch_size, stop)
                     lens_B = lengths[b0:b1]
@@ -504,12 +509,13 @@ def _run_shards(
                             opened.append(shard)
                     n = int(lens_B.sum())
                     _gather_rows(acts_BPD, mask_BP, acts_ND[row : row + n])
-                    if shard is not None:
-                        rows = slice(row, row + n)
-                        args = (seq_N[rows], pos_N[rows], acts_ND[rows])
-                        appends.append(writer.submit(shard.append, *args))
                     row += n
                     bar.update(n)
+                    if shard is not None and (row - flushed >= ROW_GROUP_ROWS or row == n_shard):
+                        rows = slice(flushed, row)
+                        args = (seq_N[rows], pos_N[rows], acts_ND[rows])
+                        appends.append(writer.submit(shard.append, *args))
+                        flushed = row
                 assert acts_ND is not None and row == n_shard, "shard plan and batches disagree"
                 if "d_model" not in progress:
                     progress["d_model"] = int(acts_ND.shape[1])
