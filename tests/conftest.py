@@ -279,17 +279,48 @@ _tiny_failure: list[str] = []
 
 @dataclass
 class _BackgroundRun:
-    """The tiny run started right after collection, so the unit tests overlap it."""
+    """A tiny run going in the background; `root` (if set) is removed when the session ends."""
 
-    root: Path
     workdir: Path
     configfile: Path
     log_path: Path
     proc: subprocess.Popen
     start: float
+    root: Path | None = None
 
 
 _tiny_background: list[_BackgroundRun] = []
+
+
+def _start_tiny_run(workdir: Path | None = None, unlock: bool = False) -> _BackgroundRun:
+    """Copy the workflow and tiny config into `workdir` and start snakemake there.
+
+    Without `workdir`, the run goes into a new temporary folder, removed when the session ends.
+    `unlock` first clears a lock an interrupted earlier session left in a kept `workdir`.
+    """
+    root = None
+    if workdir is None:
+        root = Path(tempfile.mkdtemp(prefix="saeflow-tiny-"))
+        workdir = root / "wf"
+    copy_workflow(workdir)
+    configfile = install_tiny_config(workdir)
+    if unlock:
+        run_snakemake(workdir, "--configfile", configfile.name, "--unlock", check=False)
+    log_dir = root or workdir / ".snakemake"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "tiny_run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            snakemake_cmd(workdir, "--configfile", configfile.name, *PARALLEL),
+            cwd=workdir,
+            env=workflow_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    run = _BackgroundRun(workdir, configfile, log_path, proc, time.monotonic(), root)
+    _tiny_background.append(run)
+    return run
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -302,36 +333,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     if not any("tiny_run" in getattr(item, "fixturenames", ()) for item in session.items):
         return
-    root = Path(tempfile.mkdtemp(prefix="saeflow-tiny-"))
-    workdir = copy_workflow(root / "wf")
-    configfile = install_tiny_config(workdir)
-    log_path = root / "tiny_run.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            snakemake_cmd(workdir, "--configfile", configfile.name, *PARALLEL),
-            cwd=workdir,
-            env=workflow_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    _tiny_background.append(
-        _BackgroundRun(root, workdir, configfile, log_path, proc, time.monotonic())
-    )
+    _start_tiny_run()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop a background tiny run that is still going (interrupted session) and remove it."""
+    """Stop a tiny run that is still going (interrupted session); remove the temporary one."""
     for run in _tiny_background:
         if run.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.proc.pid, signal.SIGKILL)
             run.proc.wait()
-        shutil.rmtree(run.root, ignore_errors=True)
+        if run.root is not None:
+            shutil.rmtree(run.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+def tiny_run() -> TinyRun:
     """The tiny config run once per session, start to end, three jobs at a time (PARALLEL).
 
     Started in the background after collection (see pytest_collection_finish); this waits for
@@ -340,32 +357,20 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     """
     if _tiny_failure:
         pytest.fail(_tiny_failure[0], pytrace=False)
-    if _tiny_background:
-        run = _tiny_background[0]
-        try:
-            returncode = run.proc.wait(timeout=TINY_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.proc.pid, signal.SIGKILL)
-            returncode = run.proc.wait()
-        log = run.log_path.read_text()
-        if returncode != 0:
-            _tiny_failure.append(f"the tiny run failed ({returncode}):\n{log[-8000:]}")
-            pytest.fail(_tiny_failure[0], pytrace=False)
-        return TinyRun(run.workdir, run.configfile, time.monotonic() - run.start, log)
-    keep = os.environ.get("SAEFLOW_TEST_TINY_RUN")
-    workdir = copy_workflow(Path(keep) if keep else tmp_path_factory.mktemp("tiny") / "wf")
-    configfile = install_tiny_config(workdir)
-    if keep:  # an earlier session may have been interrupted
-        run_snakemake(workdir, "--configfile", configfile.name, "--unlock", check=False)
-    start = time.monotonic()
-    proc = run_snakemake(
-        workdir, "--configfile", configfile.name, *PARALLEL, check=False, timeout=TINY_TIMEOUT
-    )
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        _tiny_failure.append(f"the tiny run failed ({proc.returncode}):\n{log[-8000:]}")
+    if not _tiny_background:
+        keep = os.environ.get("SAEFLOW_TEST_TINY_RUN")
+        _start_tiny_run(Path(keep) if keep else None, unlock=bool(keep))
+    run = _tiny_background[0]
+    try:
+        returncode = run.proc.wait(timeout=TINY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.proc.pid, signal.SIGKILL)
+        returncode = run.proc.wait()
+    log = run.log_path.read_text()
+    if returncode != 0:
+        _tiny_failure.append(f"the tiny run failed ({returncode}):\n{log[-8000:]}")
         pytest.fail(_tiny_failure[0], pytrace=False)
-    return TinyRun(workdir, configfile, time.monotonic() - start, log)
+    return TinyRun(run.workdir, run.configfile, time.monotonic() - run.start, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
