@@ -15,7 +15,7 @@ from test_temporal_sae import DIMIN, _conf, _state, write_temporal
 
 import saeflow
 from saeflow import io as sio
-from saeflow.codes import Codes, load_codes
+from saeflow.codes import Codes, DenseCodes, load_codes, part_storage
 from saeflow.errors import ConfigError, DataError
 from saeflow.sae import encode as enc
 from saeflow.sae import load_sae
@@ -163,7 +163,11 @@ def test_encode_temporal_sae(tmp_path: Path) -> None:
     spec = {"name": "t", "format": "temporal", "path": str(tmp_path / "temporal")}
     out = tmp_path / "codes" / "manifest.json"
     manifest = enc.encode_sae(
-        acts, spec, out, encode_cfg={"batch_tokens": 16, "pred_k": 4}, runtime={"device": "cpu"}
+        acts,
+        spec,
+        out,
+        encode_cfg={"batch_tokens": 16, "pred_storage": "sparse", "pred_k": 4},
+        runtime={"device": "cpu"},
     )
     assert manifest["parts"] == {"novel": "novel", "pred": "pred"}
     assert (out.parent / "novel" / "part-00002.parquet").exists()
@@ -185,6 +189,43 @@ def test_encode_temporal_sae(tmp_path: Path) -> None:
         total.to_dense(), novel.to_dense() + pred.to_dense(), atol=1e-2, rtol=1e-2
     )
     assert (pred.l0() <= 4).all() and manifest["sae_arch"]["kind"] == "temporal"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_encode_temporal_dense_pred_is_exact(tmp_path: Path, dtype: str) -> None:
+    """The default stores predictable codes dense: every analysis reads the SAE's own values."""
+    acts = write_acts(tmp_path / "acts", LENGTHS, DIMIN, seed=3)
+    conf = _conf()
+    write_temporal(tmp_path / "temporal", conf, _state(conf))
+    spec = {"name": "t", "format": "temporal", "path": str(tmp_path / "temporal")}
+    out = tmp_path / "codes" / "manifest.json"
+    cfg = {"batch_tokens": 16, "pred_dtype": dtype}
+    manifest = enc.encode_sae(acts, spec, out, encode_cfg=cfg, runtime={"device": "cpu"})
+    assert manifest["storage"] == {"novel": "sparse", "pred": "dense"}
+    sae = load_sae(spec)
+    seq, pos, x = _all_acts(acts)
+    pred = load_codes(out, "pred")
+    assert isinstance(pred, DenseCodes) and pred.codes_NF.dtype == np.dtype(dtype)
+    total = load_codes(out, "total", dense=True)
+    novel = load_codes(out, "novel", dense=True)
+    assert isinstance(novel, DenseCodes) and part_storage(out, "total") == "dense"
+    starts = np.flatnonzero(pos == 0).tolist() + [len(pos)]
+    tol = 1e-5 if dtype == "float32" else 1e-3  # batching changes fp32 rounding only
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        o = sae(x[a:b].unsqueeze(0))
+        want = o.pred[0].to(getattr(torch, dtype)).float()
+        torch.testing.assert_close(torch.from_numpy(pred.to_dense()[a:b]), want, atol=tol, rtol=tol)
+    np.testing.assert_array_equal(total.codes_NF, novel.codes_NF + pred.to_dense())
+    # the sparse view analyses take is the same numbers, all of them
+    csr = pred.to_scipy()
+    assert csr.nnz == np.count_nonzero(pred.codes_NF)
+    np.testing.assert_array_equal(csr.toarray(), pred.to_dense())
+    assert manifest["nnz"]["pred"] == csr.nnz
+    # resumes: a second run with the same settings keeps the shards
+    again = enc.encode_sae(acts, spec, out, encode_cfg=cfg, runtime={"device": "cpu"})
+    assert again["config_hash"] == manifest["config_hash"]
+    with pytest.raises(ConfigError, match="needs encode.pred_storage: sparse"):
+        enc.encode_settings({"pred_k": 8})
 
 
 def test_temporal_needs_whole_sequences(tmp_path: Path) -> None:

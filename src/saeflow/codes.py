@@ -7,9 +7,16 @@ shard, per part, and a `manifest.json` written last. Rows are tokens in activati
 4 bytes per *feature* for dense codes.
 
 Parts: a per-token SAE has one part, `codes`, in the directory itself. A temporal SAE has `novel`
-(the sparse TopK/ReLU codes of the unpredictable residual) and `pred` (the predictable codes, which
-are dense, so only the `pred_k` largest by magnitude per token are kept) in sub-directories; the
-virtual part `total` is their sum, computed on read.
+(the sparse TopK/ReLU codes of the unpredictable residual) and `pred` (the predictable codes) in
+sub-directories; the virtual part `total` is their sum, computed on read.
+
+Predictable codes are dense (about half of all features are non-zero on every token), so by default
+they are stored exactly, as dense rows: a *dense shard* has the same name and the columns `seq_id`,
+`pos`, `codes` fixed_size_binary(itemsize * d_sae) holding the raw float32 (or float16) row, with
+the dtype in the schema metadata. Readers tell the two layouts apart by their columns; a dense
+shard reads back as `DenseCodes`, which offers the same methods as `Codes` (`to_scipy`, `select`,
+`to_dense`, ...), so every analysis sees the exact values. `encode.pred_storage: sparse` (with
+`pred_k`) is the explicit lossy alternative.
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ SCHEMA = pa.schema(
     ]
 )
 TEMPORAL_PARTS = ("novel", "pred")
+DENSE_COLUMN = "codes"
+DENSE_DTYPE_KEY = b"saeflow.codes.dtype"
+DENSE_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -115,10 +125,88 @@ class Codes:
         )
 
 
-def concat_codes(parts: list[Codes]) -> Codes:
-    """Concatenate shards (same d_sae and part) in order."""
+@dataclass
+class DenseCodes:
+    """Dense codes of N tokens (`codes_NF` float32 or float16), with the methods of `Codes`."""
+
+    seq_ids: np.ndarray  # int32 [N]
+    positions: np.ndarray  # int32 [N]
+    codes_NF: np.ndarray  # noqa: N815 - float32 or float16 [N, d_sae]
+    d_sae: int
+    part: str = "pred"
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def nnz(self) -> int:
+        return int(np.count_nonzero(self.codes_NF))
+
+    def l0(self) -> np.ndarray:
+        """Non-zeros per token."""
+        return np.count_nonzero(self.codes_NF, axis=1)
+
+    def to_scipy(self):
+        """Exact `scipy.sparse.csr_matrix` [N, d_sae] float32 of the non-zero entries."""
+        from scipy.sparse import csr_matrix
+
+        return csr_matrix(self.codes_NF.astype(np.float32, copy=False))
+
+    def to_torch_sparse(self, dtype: Any = None):
+        import torch
+
+        out = torch.from_numpy(self.to_dense()).to_sparse_coo().coalesce()
+        return out if dtype is None else out.to(dtype)
+
+    def to_dense(self) -> np.ndarray:
+        """Dense float32 [N, d_sae] (no copy when already float32)."""
+        return self.codes_NF.astype(np.float32, copy=False)
+
+    def to_sparse(self) -> Codes:
+        """The exact CSR `Codes` (values kept in float32)."""
+        csr = self.to_scipy()
+        return Codes(
+            self.seq_ids,
+            self.positions,
+            csr.indptr.astype(np.int64),
+            csr.indices.astype(np.int32),
+            csr.data.astype(np.float32),
+            self.d_sae,
+            self.part,
+        )
+
+    def select(self, mask: np.ndarray) -> DenseCodes:
+        """The tokens where `mask` (bool [N]) is true."""
+        idx = np.flatnonzero(mask)
+        return DenseCodes(
+            self.seq_ids[idx], self.positions[idx], self.codes_NF[idx], self.d_sae, self.part
+        )
+
+
+AnyCodes = Codes | DenseCodes
+
+
+def as_dense(codes: AnyCodes) -> DenseCodes:
+    """Dense float32 codes of either layout (exact)."""
+    if isinstance(codes, DenseCodes):
+        return codes
+    return DenseCodes(codes.seq_ids, codes.positions, codes.to_dense(), codes.d_sae, codes.part)
+
+
+def concat_codes(parts: list[AnyCodes]) -> AnyCodes:
+    """Concatenate shards (same d_sae and part) in order; dense if any shard is dense."""
     if not parts:
         raise DataError("no code shards to concatenate")
+    if any(isinstance(c, DenseCodes) for c in parts):
+        dense = [as_dense(c) for c in parts]
+        dtype = np.result_type(*[c.codes_NF.dtype for c in dense])
+        return DenseCodes(
+            np.concatenate([c.seq_ids for c in dense]),
+            np.concatenate([c.positions for c in dense]),
+            np.concatenate([c.codes_NF.astype(dtype, copy=False) for c in dense]),
+            parts[0].d_sae,
+            parts[0].part,
+        )
     offsets = np.cumsum([0] + [c.nnz for c in parts[:-1]])
     indptr = np.concatenate(
         [np.zeros(1, np.int64)]
@@ -135,8 +223,11 @@ def concat_codes(parts: list[Codes]) -> Codes:
     )
 
 
-def write_code_shard(path: str | os.PathLike, codes: Codes) -> None:
-    """Write one shard atomically (temporary sibling, then rename)."""
+def write_code_shard(path: str | os.PathLike, codes: AnyCodes) -> None:
+    """Write one shard atomically (temporary sibling, then rename); dense codes stay dense."""
+    if isinstance(codes, DenseCodes):
+        write_dense_shard(path, codes)
+        return
     offsets = pa.array(codes.indptr.astype(np.int32), type=pa.int32())
     table = pa.Table.from_arrays(
         [
@@ -163,12 +254,69 @@ def list_column_csr(column: pa.ChunkedArray | pa.ListArray) -> tuple[np.ndarray,
     return indptr - start, arr.values.to_numpy(zero_copy_only=False)[start:stop]
 
 
-def read_code_shard(path: str | os.PathLike, d_sae: int, part: str = "codes") -> Codes:
-    """Read one shard back into CSR arrays (no per-row Python objects)."""
+def write_dense_shard(path: str | os.PathLike, codes: DenseCodes) -> None:
+    """Dense rows as raw bytes in one fixed_size_binary column (no compression: ~1 GB/s)."""
+    dtype = np.dtype(codes.codes_NF.dtype).name
+    if dtype not in DENSE_DTYPES:
+        raise DataError(
+            f"{path}: dense codes must be one of {', '.join(DENSE_DTYPES)}, got {dtype}"
+        )
+    rows = np.ascontiguousarray(codes.codes_NF)
+    n, width = len(codes), codes.d_sae * rows.itemsize
+    if rows.shape != (n, codes.d_sae):
+        raise DataError(f"{path}: dense codes of shape {rows.shape}, expected ({n}, {codes.d_sae})")
+    binary = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), n, [None, pa.py_buffer(rows.view(np.uint8).reshape(-1))]
+    )
+    schema = pa.schema(
+        [("seq_id", pa.int32()), ("pos", pa.int32()), (DENSE_COLUMN, pa.binary(width))],
+        metadata={DENSE_DTYPE_KEY: dtype.encode()},
+    )
+    table = pa.Table.from_arrays(
+        [
+            pa.array(codes.seq_ids.astype(np.int32, copy=False)),
+            pa.array(codes.positions.astype(np.int32, copy=False)),
+            binary,
+        ],
+        schema=schema,
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression={"seq_id": "zstd", "pos": "zstd", DENSE_COLUMN: "none"},
+            use_dictionary=False,
+            write_statistics=False,
+        )
+
+
+def _dense_from_table(table: pa.Table, path: Any, d_sae: int, part: str) -> DenseCodes:
+    meta = table.schema.metadata or {}
+    dtype = np.dtype(meta.get(DENSE_DTYPE_KEY, b"float32").decode())
+    col = table.column(DENSE_COLUMN).combine_chunks()
+    n, width = len(col), d_sae * dtype.itemsize
+    if col.type.byte_width != width:
+        raise DataError(
+            f"{path}: dense code rows are {col.type.byte_width} bytes, expected {width}"
+        )
+    raw = np.frombuffer(col.buffers()[1], np.uint8, count=n * width, offset=col.offset * width)
+    return DenseCodes(
+        table.column("seq_id").to_numpy().astype(np.int32),
+        table.column("pos").to_numpy().astype(np.int32),
+        raw.view(dtype).reshape(n, d_sae).copy(),
+        d_sae,
+        part,
+    )
+
+
+def read_code_shard(path: str | os.PathLike, d_sae: int, part: str = "codes") -> AnyCodes:
+    """Read one shard back: CSR arrays (no per-row Python objects), or `DenseCodes`."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as err:
         raise DataError(f"{path}: unreadable code shard ({err})") from None
+    if DENSE_COLUMN in table.column_names:
+        return _dense_from_table(table, path, d_sae, part)
     missing = [name for name in SCHEMA.names if name not in table.column_names]
     if missing:
         raise DataError(f"{path}: code shard lacks column(s) {', '.join(missing)}")
@@ -185,10 +333,16 @@ def read_code_shard(path: str | os.PathLike, d_sae: int, part: str = "codes") ->
     )
 
 
-def add_codes(a: Codes, b: Codes, part: str = "total") -> Codes:
-    """Per-token sum of two code sets over the same tokens (novel + pred = total)."""
+def add_codes(a: AnyCodes, b: AnyCodes, part: str = "total") -> AnyCodes:
+    """Per-token sum of two code sets over the same tokens (novel + pred = total).
+
+    Dense if either is dense (float32, exact); otherwise CSR with float16 values.
+    """
     if len(a) != len(b) or not np.array_equal(a.seq_ids, b.seq_ids):
         raise DataError("cannot add code parts that cover different tokens")
+    if isinstance(a, DenseCodes) or isinstance(b, DenseCodes):
+        total_NF = as_dense(a).to_dense() + as_dense(b).to_dense()
+        return DenseCodes(a.seq_ids, a.positions, total_NF, a.d_sae, part)
     total = (a.to_scipy() + b.to_scipy()).tocsr()
     total.sum_duplicates()
     total.sort_indices()
@@ -227,8 +381,14 @@ def _part_name(manifest: dict[str, Any], part: str | None, where: Path) -> str:
     return part
 
 
-def iter_codes(path: str | os.PathLike, part: str | None = None) -> Iterator[Codes]:
-    """Yield the codes shard by shard (memory bounded by one shard)."""
+def iter_codes(
+    path: str | os.PathLike, part: str | None = None, *, dense: bool = False
+) -> Iterator[AnyCodes]:
+    """Yield the codes shard by shard (memory bounded by one shard).
+
+    Shards come back in their stored layout (`Codes` or `DenseCodes`); `dense=True` turns every
+    shard into `DenseCodes` (float32 or the stored float16).
+    """
     directory, manifest = _resolve(path)
     name = _part_name(manifest, part, directory)
     d_sae = int(manifest["d_sae"])
@@ -236,28 +396,47 @@ def iter_codes(path: str | os.PathLike, part: str | None = None) -> Iterator[Cod
         if name == "total":
             novel = read_code_shard(directory / manifest["parts"]["novel"] / shard, d_sae, "novel")
             pred = read_code_shard(directory / manifest["parts"]["pred"] / shard, d_sae, "pred")
-            yield add_codes(novel, pred)
+            codes = add_codes(novel, pred)
         else:
-            yield read_code_shard(directory / manifest["parts"][name] / shard, d_sae, name)
+            codes = read_code_shard(directory / manifest["parts"][name] / shard, d_sae, name)
+        yield as_dense(codes) if dense else codes
 
 
-def load_codes(path: str | os.PathLike, part: str | None = None) -> Codes:
-    """All codes of a code directory (or its manifest.json) as one `Codes`.
+def load_codes(
+    path: str | os.PathLike, part: str | None = None, *, dense: bool = False
+) -> AnyCodes:
+    """All codes of a code directory (or its manifest.json).
 
     `part`: None (a per-token SAE's codes, or a temporal SAE's `novel` codes), `novel`, `pred` or
-    `total` (novel + pred).
+    `total` (novel + pred). Returns `Codes` (CSR) for sparse parts and `DenseCodes` for dense ones
+    (exact predictable codes, the default); `dense=True` always returns `DenseCodes`, whose
+    `codes_NF` is the [N, d_sae] array in token order (`seq_ids`, `positions`).
     """
     directory, manifest = _resolve(path)
-    chunks = list(iter_codes(directory, part))
+    chunks = list(iter_codes(directory, part, dense=dense))
     if not chunks:
         name = _part_name(manifest, part, directory)
+        d_sae = int(manifest["d_sae"])
+        if dense:
+            empty = np.zeros(0, np.int32)
+            return DenseCodes(empty, empty.copy(), np.zeros((0, d_sae), np.float32), d_sae, name)
         return Codes(
             np.zeros(0, np.int32),
             np.zeros(0, np.int32),
             np.zeros(1, np.int64),
             np.zeros(0, np.int32),
             np.zeros(0, np.float16),
-            int(manifest["d_sae"]),
+            d_sae,
             name,
         )
     return concat_codes(chunks)
+
+
+def part_storage(path: str | os.PathLike, part: str | None = None) -> str:
+    """ "dense" or "sparse": how a part is stored (`total` is dense when `pred` is)."""
+    directory, manifest = _resolve(path)
+    name = _part_name(manifest, part, directory)
+    storage = manifest.get("storage", {})
+    if name == "total":
+        return "dense" if "dense" in (storage.get("novel"), storage.get("pred")) else "sparse"
+    return storage.get(name, "sparse")

@@ -191,6 +191,8 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
             raise ConfigError(f"{key}: needs path (local folder/file) or repo + path (hub)")
         for ds in spec.get("eval_datasets", []):
             _need(config, "datasets", ds, f"{key}.eval_datasets")
+        if spec.get("inf_k") is not None and spec["format"] != "temporal":
+            raise ConfigError(f"{key}.inf_k = {spec['inf_k']}: only temporal SAEs have inf_k")
     seen: set[str] = set()
     for i, analysis in enumerate(config.get("analyses", [])):
         key = f"analyses[{i}]"

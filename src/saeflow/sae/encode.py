@@ -9,9 +9,11 @@ digest, encode settings, activation config hash). Shards of another hash are del
 Per-token SAEs encode token chunks of `batch_tokens` rows. A temporal SAE needs whole sequences in
 order (position t attends to positions < t): activation shards hold whole sequences, so rows are
 grouped by consecutive `seq_id` and batched by sequence, right-padded (exact, the attention is
-causal), never shuffled. Its predictable codes are dense; `pred_k` keeps the largest |value| per
-token (None or 0 keeps all non-zeros, as the seed notebooks' dense codes) and `pred_threshold`
-drops |value| <= threshold.
+causal), never shuffled. Its predictable codes are dense, and by default (`pred_storage: dense`)
+they are stored exactly as dense rows (`pred_dtype` float32, or float16 at half the disk), as the
+seed notebooks keep them. `pred_storage: sparse` is the explicit lossy option: `pred_k` keeps the
+largest |value| per token (None or 0 keeps all non-zeros, in float16) and `pred_threshold` drops
+|value| <= threshold.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ import torch
 from tqdm import tqdm
 
 from saeflow import io as sio
-from saeflow.codes import CODES_FORMAT, SHARD_EXT, TEMPORAL_PARTS, Codes, write_code_shard
+from saeflow.codes import (
+    CODES_FORMAT,
+    DENSE_DTYPES,
+    SHARD_EXT,
+    TEMPORAL_PARTS,
+    Codes,
+    DenseCodes,
+    write_code_shard,
+)
 from saeflow.errors import ConfigError, DataError
 from saeflow.sae.formats import load_sae
 from saeflow.sae.models import BaseSAE, check_sae_matches
@@ -41,12 +51,19 @@ log = logging.getLogger("saeflow.encode")
 
 PROGRESS = sio.PROGRESS
 VERSION = 1
-DEFAULTS = {"batch_tokens": 4096, "pred_k": 64, "pred_threshold": 0.0}
+DEFAULTS = {
+    "batch_tokens": 4096,
+    "pred_storage": "dense",
+    "pred_dtype": "float32",
+    "pred_k": None,
+    "pred_threshold": 0.0,
+}
+PRED_STORAGES = ("dense", "sparse")
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def encode_settings(encode_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults filled in and checked: batch_tokens >= 1, pred_k None or >= 0."""
+    """Defaults filled in and checked: batch_tokens >= 1, pred_k None or >= 0 (sparse only)."""
     cfg = {**DEFAULTS, **dict(encode_cfg or {})}
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
@@ -56,6 +73,20 @@ def encode_settings(encode_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     if cfg["pred_k"] is not None and (not isinstance(cfg["pred_k"], int) or cfg["pred_k"] < 0):
         raise ConfigError(f"encode.pred_k = {cfg['pred_k']!r}: must be null or an integer >= 0")
     cfg["pred_threshold"] = float(cfg["pred_threshold"])
+    if cfg["pred_storage"] not in PRED_STORAGES:
+        raise ConfigError(
+            f"encode.pred_storage = {cfg['pred_storage']!r}: one of {', '.join(PRED_STORAGES)}"
+        )
+    if cfg["pred_dtype"] not in DENSE_DTYPES:
+        raise ConfigError(
+            f"encode.pred_dtype = {cfg['pred_dtype']!r}: one of {', '.join(DENSE_DTYPES)}"
+        )
+    lossy = cfg["pred_k"] or cfg["pred_threshold"] > 0
+    if cfg["pred_storage"] == "dense" and lossy:
+        raise ConfigError(
+            f"encode.pred_k = {cfg['pred_k']!r} / pred_threshold = {cfg['pred_threshold']}: "
+            "cutting predictable codes needs encode.pred_storage: sparse (dense keeps them exact)"
+        )
     return cfg
 
 
@@ -130,8 +161,13 @@ def encode_temporal(
     offsets: np.ndarray,
     cfg: Mapping[str, Any],
     device: torch.device,
-) -> tuple[CSR, CSR]:
-    """(novel, pred) sparse codes of whole sequences, batched by sequence in order."""
+) -> tuple[CSR, CSR | np.ndarray]:
+    """(novel, pred) codes of whole sequences, batched by sequence in order.
+
+    pred is a dense [N, F] array in `pred_dtype` for `pred_storage: dense`, else a (cut) CSR.
+    """
+    dense = cfg.get("pred_storage", "dense") == "dense"
+    pred_dtype = getattr(torch, cfg.get("pred_dtype", "float32"))
     novel_parts, pred_parts = [], []
     lengths = np.diff(offsets)
     for s0, s1 in sequence_batches(offsets, int(cfg["batch_tokens"])):
@@ -146,7 +182,16 @@ def encode_temporal(
         novel_BLF, pred_BLF = sae.encode(x_BLD)
         valid = mask_BL.to(device)
         novel_parts.append(csr_from_dense(novel_BLF[valid]))
-        pred_parts.append(topk_by_magnitude(pred_BLF[valid], cfg["pred_k"], cfg["pred_threshold"]))
+        if dense:
+            pred_parts.append(pred_BLF[valid].to("cpu", pred_dtype).numpy())
+        else:
+            pred_parts.append(
+                topk_by_magnitude(pred_BLF[valid], cfg["pred_k"], cfg["pred_threshold"])
+            )
+    if dense:
+        width = sae.d_sae
+        empty = np.zeros((0, width), np.dtype(cfg.get("pred_dtype", "float32")))
+        return CSR.concat(novel_parts), np.concatenate(pred_parts) if pred_parts else empty
     return CSR.concat(novel_parts), CSR.concat(pred_parts)
 
 
@@ -197,7 +242,7 @@ def encode_sae(
     part_dirs = list(TEMPORAL_PARTS) if temporal else ["."]
     used = {"batch_tokens": cfg["batch_tokens"]}
     if temporal:
-        used.update(pred_k=cfg["pred_k"], pred_threshold=cfg["pred_threshold"])
+        used.update({k: cfg[k] for k in DEFAULTS if k != "batch_tokens"})
     chash = sio.config_hash(
         {"sae": state_digest(sae), "encode": used},
         {"acts": acts_manifest.get("config_hash"), "n_tokens": acts_manifest.get("n_tokens")},
@@ -237,7 +282,13 @@ def encode_sae(
                 novel, pred = encode_temporal(sae, acts_ND, offsets, cfg, device)
                 outputs = {
                     "novel": _to_codes(novel, seq_N, pos_N, sae.d_sae, "novel"),
-                    "pred": _to_codes(pred, seq_N, pos_N, sae.d_sae, "pred"),
+                    "pred": (
+                        DenseCodes(
+                            seq_N.astype(np.int32), pos_N.astype(np.int32), pred, sae.d_sae, "pred"
+                        )
+                        if isinstance(pred, np.ndarray)
+                        else _to_codes(pred, seq_N, pos_N, sae.d_sae, "pred")
+                    ),
                 }
             else:
                 csr = encode_per_token(sae, acts_ND, cfg["batch_tokens"], device)
@@ -282,6 +333,10 @@ def _finish(
         "d_sae": sae.d_sae,
         "d_in": sae.d_in,
         "parts": parts,
+        "storage": {
+            p: ("dense" if p == "pred" and cfg["pred_storage"] == "dense" else "sparse")
+            for p in parts
+        },
         "shards": shard_names,
         "shard_tokens": [r["n_tokens"] for r in recs],
         "n_tokens": n_tokens,

@@ -370,8 +370,10 @@ def _load_dictionary_learning(spec: dict[str, Any]) -> SAE:
 
 
 # -- Temporal SAE -----------------------------------------------------------------------------
-def temporal_from_conf(conf: dict[str, Any], path: Path, source: str = "") -> TemporalSAE:
-    """An (untrained) TemporalSAE with the architecture of a published conf.yaml."""
+def temporal_from_conf(
+    conf: dict[str, Any], path: Path, source: str = "", inf_k: int | None = None
+) -> TemporalSAE:
+    """An (untrained) TemporalSAE with the architecture of a published conf.yaml (+ `inf_k`)."""
     dimin = int(_key(conf, "llm.dimin", path))
     exp_factor = float(_key(conf, "sae.exp_factor", path))
     sae_cfg = conf["sae"]
@@ -388,6 +390,7 @@ def temporal_from_conf(conf: dict[str, Any], path: Path, source: str = "") -> Te
         n_attn_layers=int(_key(conf, "sae.n_attn_layers", path)),
         bottleneck_factor=int(_key(conf, "sae.bottleneck_factor", path)),
         scaling_factor=float(sae_cfg.get("scaling_factor") or 1.0),
+        inf_k=inf_k,
         source=source,
     )
 
@@ -396,7 +399,7 @@ def _load_temporal(spec: dict[str, Any]) -> TemporalSAE:
     _, name = _split(spec)
     conf_path = _fetch(spec, "conf.yaml")
     conf = _read_yaml(conf_path)
-    sae = temporal_from_conf(conf, conf_path, _describe(spec))
+    sae = temporal_from_conf(conf, conf_path, _describe(spec), inf_k=spec.get("inf_k"))
     if name is not None:
         ckpt_path = _fetch(spec, name)
     else:

@@ -36,6 +36,7 @@ class SAEOutput:
     novel: torch.Tensor
     pred: torch.Tensor | None
     recon: torch.Tensor
+    attn_graphs: torch.Tensor | None = None
 
 
 class BaseSAE(nn.Module):

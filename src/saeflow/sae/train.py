@@ -311,7 +311,7 @@ def _train_temporal(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]
     with torch.no_grad():
         D = torch.randn(width, d)
         sae.D.copy_(D / D.norm(dim=-1, keepdim=True) * (1 / sae.lam) ** 0.5)
-        sae.b.copy_((x_all * scaling).mean(0, keepdim=True))
+        sae.b.copy_((x_all * scaling).mean(0))
         if not sae.tied_weights:
             sae.E.copy_(sae.D.T)
     g = torch.Generator().manual_seed(seed)
