@@ -17,7 +17,7 @@ from saeflow.activations import cache_activations, load_activations
 from saeflow.errors import DataError
 from saeflow.sae import TemporalSAE, load_sae
 from saeflow.sae.encode import encode_sae
-from saeflow.sae.metrics import sae_metrics
+from saeflow.sae.metrics import ce_recovered, sae_metrics
 
 D, LAYER = 32, 1
 
@@ -111,10 +111,13 @@ def test_identity_sae_recovers_everything(setup: dict) -> None:
     assert r["variance_explained"] == pytest.approx(1.0, abs=1e-6)
     assert r["mse"] == pytest.approx(0.0, abs=1e-10)
     assert r["ce_loss_recon"] == pytest.approx(r["ce_loss_clean"], abs=1e-5)
-    assert r["ce_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert r["ce_loss_clean"] == pytest.approx(_independent_ce(setup, None), abs=1e-4)
     zero = _independent_ce(setup, lambda h: torch.zeros_like(h))
     assert r["ce_loss_zero"] == pytest.approx(zero, abs=1e-4)
+    # the random tiny LM does not get worse when its layer is zeroed: the ratio is undefined
+    assert r["ce_loss_zero"] <= r["ce_loss_clean"]
+    assert r["ce_recovered"] is None and "not above the clean loss" in r["ce_recovered_reason"]
+    assert r["variance_explained_flat"] == pytest.approx(1.0, abs=1e-6)
     assert r["l0_pred"] == 0 and r["l0_total"] == r["l0_novel"]
     assert r["n_tokens"] == 45 - 6 and r["excluded_positions"] == [0]
 
@@ -132,8 +135,16 @@ def test_scaled_sae_formulas(setup: dict) -> None:
     assert r["l0_novel"] == pytest.approx(float((x != 0).sum(-1).double().mean()))
     ce_half = _independent_ce(setup, lambda h: 0.5 * h)
     assert r["ce_loss_recon"] == pytest.approx(ce_half, abs=1e-4)
-    want = (r["ce_loss_zero"] - r["ce_loss_recon"]) / (r["ce_loss_zero"] - r["ce_loss_clean"])
-    assert r["ce_recovered"] == pytest.approx(want)
+    flat = 1 - ((x - recon) ** 2).mean() / x.var()  # seed 002's definition, over all entries
+    assert r["variance_explained_flat"] == pytest.approx(float(flat), rel=1e-6)
+    assert r["variance_explained_flat"] != pytest.approx(r["variance_explained"], rel=1e-3)
+
+
+def test_ce_recovered_is_null_with_a_reason_when_zeroing_does_not_hurt() -> None:
+    assert ce_recovered(2.0, 2.5, 4.0) == (pytest.approx(0.75), None)
+    value, reason = ce_recovered(9.88, 9.0, 9.43)
+    assert value is None and "9.43 is not above the clean loss 9.88" in reason
+    assert ce_recovered(3.0, 3.0, 3.0)[0] is None
 
 
 def test_temporal_sae_metrics(setup: dict) -> None:
@@ -156,7 +167,7 @@ def test_temporal_sae_metrics(setup: dict) -> None:
     assert r["variance_explained"] == pytest.approx(float(ve), rel=1e-5, abs=1e-6)
     assert r["l0_pred"] == pytest.approx(float(torch.cat(l0p).double().mean()))
     assert r["l0_novel"] <= 4 and r["kind"] == "temporal"
-    assert r["ce_recovered"] is not None
+    assert (r["ce_recovered"] is None) == (r["ce_loss_zero"] <= r["ce_loss_clean"])
 
 
 def test_codes_from_other_dataset_are_refused(setup: dict, tmp_path: Path) -> None:
@@ -170,3 +181,24 @@ def test_codes_from_other_dataset_are_refused(setup: dict, tmp_path: Path) -> No
     with pytest.raises(DataError, match="3 tokens of codes but the activations have 45"):
         sae_metrics(setup["acts"], codes, spec, {"path": "x", "layer": 1}, "t", tmp_path / "o.json")
     assert load_sae(spec).d_in == D
+
+
+def test_metrics_page_says_why_ce_recovered_is_null() -> None:
+    from saeflow.report.metrics_page import build_metrics_page
+
+    _, reason = ce_recovered(9.88, 9.0, 9.43)
+    page = build_metrics_page(
+        [
+            (
+                "topk · base · dialogues",
+                {
+                    "variance_explained": 0.8,
+                    "ce_recovered": None,
+                    "ce_recovered_reason": reason + " <b>",
+                },
+            ),
+            ("ok", {"variance_explained": 0.9, "ce_recovered": 0.7, "ce_recovered_reason": None}),
+        ]
+    )
+    assert "topk · base · dialogues: ce_recovered is null: zero-ablation loss 9.43" in page
+    assert "&lt;b&gt;" in page and "ok: ce_recovered" not in page

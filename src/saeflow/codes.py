@@ -440,3 +440,19 @@ def part_storage(path: str | os.PathLike, part: str | None = None) -> str:
     if name == "total":
         return "dense" if "dense" in (storage.get("novel"), storage.get("pred")) else "sparse"
     return storage.get(name, "sparse")
+
+
+def load_attention(path: str | os.PathLike, seq_id: int) -> np.ndarray:
+    """A temporal SAE's attention maps [n_attn_layers, n_heads, L, L] of one sequence.
+
+    Written by `encode_sae` for the seq_ids in `encode.attention_maps` (the reference forward's
+    `return_graph`); row t is position t's attention over its context positions 0..t.
+    """
+    directory, manifest = _resolve(path)
+    files = manifest.get("attention", {})
+    if str(seq_id) not in files:
+        have = ", ".join(sorted(files, key=int)) or "none (set encode.attention_maps)"
+        raise DataError(f"{directory}: no attention maps for seq_id {seq_id} (have: {have})")
+    from safetensors.numpy import load_file
+
+    return load_file(str(directory / files[str(seq_id)]))["attn_graphs"]

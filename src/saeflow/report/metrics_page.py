@@ -14,10 +14,13 @@ from typing import Any
 
 from saeflow.errors import DataError
 from saeflow.io import read_json
-from saeflow.report.common import esc_label, fmt_num, html_table, render_page, write_page
+from saeflow.report.common import esc, esc_label, fmt_num, html_table, render_page, write_page
 
 METRIC_KEYS = (
     "variance_explained",
+    "variance_explained_flat",
+    "variance_explained_pred",
+    "variance_explained_novel",
     "mse",
     "l0_novel",
     "l0_pred",
@@ -117,8 +120,17 @@ def build_metrics_page(
     }
     note = (
         '<p class="note">variance_explained and ce_recovered are fractions; l0_* count active '
-        "latents per token; a dash means the metric does not apply or was not computed.</p>\n"
+        "latents per token; a dash means the metric does not apply or was not computed. "
+        "variance_explained centres each dimension on its mean; variance_explained_flat is the "
+        "Temporal SAE notebook's 1 - mean(err²)/var(x) over all entries.</p>\n"
     )
+    reasons = [
+        f"<li>{esc(label)}: ce_recovered is null: {esc(m['ce_recovered_reason'])}</li>"
+        for label, m in runs
+        if m.get("ce_recovered") is None and m.get("ce_recovered_reason")
+    ]
+    if reasons:
+        note += '<ul class="note ce-reasons">' + "".join(reasons) + "</ul>\n"
     return render_page(
         title,
         subtitle=f"{len(runs)} SAE runs",

@@ -57,8 +57,10 @@ DEFAULTS = {
     "pred_dtype": "float32",
     "pred_k": None,
     "pred_threshold": 0.0,
+    "attention_maps": [],
 }
 PRED_STORAGES = ("dense", "sparse")
+ATTENTION_DIR = "attention"
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -73,6 +75,10 @@ def encode_settings(encode_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     if cfg["pred_k"] is not None and (not isinstance(cfg["pred_k"], int) or cfg["pred_k"] < 0):
         raise ConfigError(f"encode.pred_k = {cfg['pred_k']!r}: must be null or an integer >= 0")
     cfg["pred_threshold"] = float(cfg["pred_threshold"])
+    maps = cfg["attention_maps"]
+    if not isinstance(maps, list) or not all(isinstance(s, int) for s in maps):
+        raise ConfigError(f"encode.attention_maps = {maps!r}: must be a list of seq_ids")
+    cfg["attention_maps"] = sorted(set(maps))
     if cfg["pred_storage"] not in PRED_STORAGES:
         raise ConfigError(
             f"encode.pred_storage = {cfg['pred_storage']!r}: one of {', '.join(PRED_STORAGES)}"
@@ -242,7 +248,8 @@ def encode_sae(
     part_dirs = list(TEMPORAL_PARTS) if temporal else ["."]
     used = {"batch_tokens": cfg["batch_tokens"]}
     if temporal:
-        used.update({k: cfg[k] for k in DEFAULTS if k != "batch_tokens"})
+        # attention maps are written beside the shards: changing them re-encodes nothing
+        used.update({k: cfg[k] for k in DEFAULTS if k not in ("batch_tokens", "attention_maps")})
     chash = sio.config_hash(
         {"sae": state_digest(sae), "encode": used},
         {"acts": acts_manifest.get("config_hash"), "n_tokens": acts_manifest.get("n_tokens")},
@@ -310,7 +317,45 @@ def encode_sae(
             if shard_name == todo[-1]:
                 break
     bar.close()
+    if temporal and cfg["attention_maps"]:
+        progress["attention"] = write_attention_maps(
+            sae, acts_dir, cfg["attention_maps"], out_dir / ATTENTION_DIR, device
+        )
     return _finish(out_dir, progress, shard_names, sae, sae_spec, cfg, acts_manifest, chash)
+
+
+@torch.inference_mode()
+def write_attention_maps(
+    sae: BaseSAE, acts_dir: Path, seq_ids: list[int], out: Path, device: torch.device
+) -> dict[str, str]:
+    """`{seq_id}.safetensors` with `attn_graphs` [n_attn_layers, n_heads, L, L] per wanted sequence.
+
+    The reference forward's `return_graph` maps, for the few sequences named in
+    `encode.attention_maps` (a dataset's other sequences are skipped): cheap, and read back with
+    `saeflow.codes.load_attention`.
+    """
+    from safetensors.torch import save_file
+
+    from saeflow.activations import iter_activation_shards
+
+    out.mkdir(exist_ok=True)
+    sio.remove_stale_shards(out, (), drop_manifest=False)
+    wanted = set(seq_ids)
+    files: dict[str, str] = {}
+    for seq_N, pos_N, acts_ND in iter_activation_shards(acts_dir):
+        seq_N = np.asarray(seq_N)
+        for s in sorted(wanted & set(np.unique(seq_N).tolist())):
+            rows = np.flatnonzero(seq_N == s)
+            x_LD = torch.as_tensor(acts_ND)[rows[np.argsort(np.asarray(pos_N)[rows])]]
+            maps = sae.attention_maps(x_LD.to(device, torch.float32).unsqueeze(0))[0]
+            name = f"{s}.safetensors"
+            with sio.atomic_path(out / name) as tmp:
+                save_file({"attn_graphs": maps.float().cpu().contiguous()}, str(tmp))
+            files[str(s)] = f"{ATTENTION_DIR}/{name}"
+    for old in out.iterdir():
+        if old.suffix == ".safetensors" and f"{ATTENTION_DIR}/{old.name}" not in files.values():
+            old.unlink()
+    return files
 
 
 def _finish(
@@ -351,6 +396,7 @@ def _finish(
         "encode": dict(cfg) if sae.is_temporal else {"batch_tokens": cfg["batch_tokens"]},
         "model": acts_manifest.get("model"),
         "layer": acts_manifest.get("layer"),
+        "attention": progress.get("attention", {}),
         "acts_config_hash": acts_manifest.get("config_hash"),
         "config_hash": chash,
     }

@@ -4,12 +4,22 @@ Reconstruction metrics run the SAE (float32) over the cached activations of the 
 token except position 0 counts (position 0 is the BOS/first token, whose residual is an outlier
 and which a temporal SAE cannot predict):
 
-    variance_explained = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2
-    mse                = sum_t ||x_t - x_hat_t||^2 / (n_tokens * d_in)
+    variance_explained      = 1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2
+                              (mean(x) is the mean token vector: per-dimension centring)
+    variance_explained_flat = 1 - mean_{t,i} (x_ti - x_hat_ti)^2 / var_{t,i}(x_ti)
+                              seed 002's `1 - mean(err**2) / x.var()`: the variance of all
+                              n_tokens * d_in entries around their one scalar mean, unbiased
+                              (torch's default correction=1), pooled over the dataset
+    mse                     = sum_t ||x_t - x_hat_t||^2 / (n_tokens * d_in)
     l0_{novel,pred,total} = mean number of non-zero codes per token (a per-token SAE has
                             pred = 0 and total = novel); computed from the SAE's dense codes, so
-                            l0_pred is the true count, not the `pred_k` kept on disk
+                            l0_pred is the true count, whatever `encode` stores
     dead_fraction      = fraction of features whose novel codes are zero on every counted token
+
+A temporal SAE also reports both definitions for the reconstruction from each part alone,
+`variance_explained[_flat]_pred` and `..._novel`: x_hat_pred = (D^T z_pred + b) / scaling_factor
+and likewise for novel (the bias belongs to every reconstruction; the reference's `pred_recons`
+and `novel_recons` are these without b). How much of the variance the predictable part explains.
 
 CE loss: the model runs on up to `ce_max_sequences` sequences of the tokens table three times:
 clean; with block `layer`'s output replaced by the SAE reconstruction; with it replaced by zeros
@@ -17,6 +27,13 @@ clean; with block `layer`'s output replaced by the SAE reconstruction; with it r
 cross-entropy over real tokens, and
 
     ce_recovered = (ce_loss_zero - ce_loss_recon) / (ce_loss_zero - ce_loss_clean)
+
+The ratio only means "fraction of the loss gap closed" when zero-ablation hurts, so when
+ce_loss_zero <= ce_loss_clean it is null and `ce_recovered_reason` says why (the three losses are
+still reported).
+
+All sums are float64 running sums over streamed shards: O(d_in + d_sae) state, whatever the
+number of tokens.
 """
 
 from __future__ import annotations
@@ -52,16 +69,23 @@ class _Accumulator:
         self.sum_x = torch.zeros(d_in, dtype=torch.float64)
         self.sum_sq = 0.0
         self.sse = 0.0
+        self.sse_part = {"pred": 0.0, "novel": 0.0}
+        self.has_parts = False
         self.l0 = {"novel": 0, "pred": 0, "total": 0}
         self.fired = torch.zeros(d_sae, dtype=torch.bool)
         self.d_in = d_in
 
-    def add(self, x_ND, recon_ND, novel_NF, pred_NF) -> None:
+    def add(self, x_ND, recon_ND, novel_NF, pred_NF, part_recons=None) -> None:
+        """One batch; `part_recons` = (pred_recon_ND, novel_recon_ND) for a temporal SAE."""
         x = x_ND.double().cpu()
         self.n += len(x)
         self.sum_x += x.sum(0)
         self.sum_sq += float((x**2).sum())
         self.sse += float(((x - recon_ND.double().cpu()) ** 2).sum())
+        if part_recons is not None:
+            self.has_parts = True
+            for name, r in zip(("pred", "novel"), part_recons, strict=True):
+                self.sse_part[name] += float(((x - r.double().cpu()) ** 2).sum())
         novel_nz = novel_NF != 0
         self.l0["novel"] += int(novel_nz.sum())
         self.fired |= novel_nz.any(0).cpu()
@@ -76,8 +100,24 @@ class _Accumulator:
             raise DataError("sae_metrics: no tokens beyond position 0 to evaluate")
         mean = self.sum_x / self.n
         sst = self.sum_sq - self.n * float((mean**2).sum())
+        m = self.n * self.d_in
+        var_flat = (self.sum_sq - float(self.sum_x.sum()) ** 2 / m) / (m - 1) if m > 1 else 0.0
+
+        def ve(sse: float) -> float | None:
+            return 1.0 - sse / sst if sst > 0 else None
+
+        def ve_flat(sse: float) -> float | None:
+            return 1.0 - (sse / m) / var_flat if var_flat > 0 else None
+
+        parts = {}
+        if self.has_parts:
+            for name, sse in self.sse_part.items():
+                parts[f"variance_explained_{name}"] = ve(sse)
+                parts[f"variance_explained_flat_{name}"] = ve_flat(sse)
         return {
-            "variance_explained": 1.0 - self.sse / sst if sst > 0 else None,
+            "variance_explained": ve(self.sse),
+            "variance_explained_flat": ve_flat(self.sse),
+            **parts,
             "mse": self.sse / (self.n * self.d_in),
             "l0_novel": self.l0["novel"] / self.n,
             "l0_pred": self.l0["pred"] / self.n,
@@ -112,7 +152,15 @@ def reconstruction_metrics(
                 x[valid.to(device)] = acts_ND[offsets[s0] : offsets[s1]].to(device, torch.float32)
                 out = sae(x)
                 keep = (valid & (torch.arange(L)[None, :] > 0)).to(device)
-                acc.add(x[keep], out.recon[keep], out.novel[keep], out.pred[keep])
+                bias = sae.b / sae.scaling_factor
+                pred_r, novel_r = sae.split_recon(out.novel[keep], out.pred[keep])
+                acc.add(
+                    x[keep],
+                    out.recon[keep],
+                    out.novel[keep],
+                    out.pred[keep],
+                    (pred_r + bias, novel_r + bias),
+                )
         else:
             keep = torch.from_numpy(pos_N > 0)
             for start in range(0, len(acts_ND), batch_tokens):
@@ -132,6 +180,16 @@ def _ce_sum(logits_BPV: torch.Tensor, ids_BP: torch.Tensor, mask_BP: torch.Tenso
     valid = (mask_BP[:, 1:] & mask_BP[:, :-1]).bool()
     loss = F.cross_entropy(logits[valid], target[valid], reduction="sum")
     return float(loss), int(valid.sum())
+
+
+def ce_recovered(clean: float, recon: float, zero: float) -> tuple[float | None, str | None]:
+    """(zero - recon) / (zero - clean), or (None, why) when zeroing is not worse than clean."""
+    if not zero > clean + 1e-12:
+        return None, (
+            f"zero-ablation loss {zero:.4g} is not above the clean loss {clean:.4g}: zeroing the "
+            "layer does not hurt, so the fraction of the gap recovered is undefined"
+        )
+    return (zero - recon) / (zero - clean), None
 
 
 @torch.inference_mode()
@@ -188,12 +246,13 @@ def ce_metrics(
             totals[name][0] += loss
             totals[name][1] += count
     ce = {name: s / n for name, (s, n) in totals.items()}
-    gap = ce["zero"] - ce["clean"]
+    recovered, reason = ce_recovered(ce["clean"], ce["recon"], ce["zero"])
     return {
         "ce_loss_clean": ce["clean"],
         "ce_loss_recon": ce["recon"],
         "ce_loss_zero": ce["zero"],
-        "ce_recovered": (ce["zero"] - ce["recon"]) / gap if abs(gap) > 1e-12 else None,
+        "ce_recovered": recovered,
+        "ce_recovered_reason": reason,
         "n_tokens_ce": totals["clean"][1],
         "n_sequences_ce": len(seqs),
     }
@@ -265,9 +324,12 @@ def sae_metrics(
     )
     sio.write_json(out_path, result)
     log.info(
-        "%s: variance explained %.4f, CE recovered %s",
+        "%s: variance explained %.4f (flat %.4f), CE recovered %s",
         name,
         result["variance_explained"],
-        result["ce_recovered"],
+        result["variance_explained_flat"],
+        result["ce_recovered"]
+        if result["ce_recovered"] is not None
+        else result["ce_recovered_reason"],
     )
     return result
