@@ -87,6 +87,10 @@ def prepare(config: dict[str, Any], config_dir: Path, *, check_files: bool = Tru
     schema_check(config)
     apply_defaults(config)
     config["_config_dir"] = str(config_dir)
+    from saeflow.sae.registry import apply_registry
+
+    for name, spec in config.get("saes", {}).items():
+        apply_registry(name, spec)
     check_semantics(config, config_dir, check_files=check_files)
 
 
