@@ -18,6 +18,7 @@ MFA_DEFAULTS: dict[str, Any] = {
     "R": 8,
     "psi": "shared",
     "init": "kmeans",
+    "sort_loadings": False,
     "pool_size": 50_000,
     "proj_dim": 32,
     "restarts": 5,
@@ -88,6 +89,8 @@ def resolve_settings(analysis: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{where}.{key} = {out[key]!r}: must be an integer")
         if out[key] < 0 or (key in _POSITIVE and out[key] == 0):
             raise ConfigError(f"{where}.{key} = {out[key]!r}: must be positive")
+    if not isinstance(out["sort_loadings"], bool):
+        raise ConfigError(f"{where}.sort_loadings = {out['sort_loadings']!r}: true or false")
     for key, choices in _CHOICES.items():
         if out[key] not in choices:
             raise ConfigError(f"{where}.{key} = {out[key]!r}: must be one of {', '.join(choices)}")

@@ -8,6 +8,9 @@ Design choices (see also model.py):
   back to a token split when there are too few sequences.
 - The model with the lowest validation NLL is kept; training stops after `patience` epochs
   without improvement. A non-finite NLL raises at once: the NLL table never holds a NaN.
+- Loadings stay in their fitted order (as the tutorial keeps them, so its axis indices, e.g. the
+  scatter of axes (0, 8) and z[0], z[8], mean the same axes); `sort_loadings: true` reorders each
+  W_k's columns by decreasing norm instead.
 - Per-token outputs are bounded: the top `top_resp` responsibilities and the argmax component's
   posterior mean E[z|x,k] (R floats), never the (N, K, R) tensor.
 """
@@ -398,7 +401,9 @@ def fit_mfa(
         seed=seed,
         device=device,
     )
-    model.cpu().sort_loadings()
+    model.cpu()
+    if settings.get("sort_loadings", False):
+        model.sort_loadings()
     best = history[best_epoch]
     summary = {
         "n_tokens": int(N),

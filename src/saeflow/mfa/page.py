@@ -249,7 +249,8 @@ def write_mfa_page(
         contexts_html(contexts, comps, summary),
         "<h2>Local subspaces</h2>\n",
         '<p class="note">Members (argmax responsibility) projected by least squares onto the '
-        "unit loading directions, centred at the centroid; axes sorted by loading norm.</p>\n",
+        "unit loading directions, centred at the centroid; axes in fitted order (sorted by "
+        "loading norm with sort_loadings: true).</p>\n",
     ]
     for k in comps:
         fig = subspace_figure(subspace, k, max_points=max_points, max_labels=max_labels, seed=seed)

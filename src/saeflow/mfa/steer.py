@@ -5,8 +5,9 @@ output (resid_post) through a plain forward hook (`saeflow.models.splice_layer`)
 - centroid: x <- (1 - alpha) x + alpha mu_k. We interpolate rather than add because the centroid
   is an absolute position in activation space; alpha = 1 replaces x by mu_k, alpha = 0 is a no-op.
 - two-stage: x <- x + alpha (mu_k - x), then + W_k z (the within-region move is not scaled by
-  alpha). z defaults to `z_scale` on loading axis 0, the strongest one (fit sorts the axes by norm);
-  z ~ N(0, I) under the model, so 2 means a two-sigma move along that loading.
+  alpha). z defaults to `z_scale` on loading axis 0 (the first fitted axis; the strongest one
+  with `sort_loadings: true`); z ~ N(0, I) under the model, so 2 means a two-sigma move along it.
+  The tutorial's z[0] = 20, z[8] = -10 is `steer.z: [20, 0, 0, 0, 0, 0, 0, 0, -10, 0]`.
 """
 
 from __future__ import annotations
