@@ -11,6 +11,9 @@ with n = sqrt(diag Gc), all in float64.
 The reference drops BOS and keeps positions [start:end). Here a matrix always spans positions
 0..L-1 (L = min(end, n_tokens)), so row/column i is token i; positions before `start` are NaN
 and do not enter the mean. `start: 1` drops BOS.
+
+`eps` (default 1e-8, added to each norm as the reference above does); seed 002's similarity cell
+uses `F.normalize` (x / max(||x||, 1e-12)), which `eps: 0` reproduces for every non-zero row.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def cosine_similarity_matrix(
             X = X - X.mean(axis=0, keepdims=True)
         gram = X @ X.T
     norms = np.sqrt(np.clip(np.diag(gram), 0.0, None)) + eps
+    norms[norms == 0] = 1.0  # eps 0: a zero row stays zero, as F.normalize leaves it
     return gram / norms[:, None] / norms[None, :]
 
 
@@ -66,9 +70,13 @@ def similarity_options(analysis: Mapping[str, Any]) -> dict[str, Any]:
     end = analysis.get("end")
     if start < 0 or (end is not None and int(end) <= start):
         raise ConfigError(f"analyses[{name}].start/end = {start}/{end}: need 0 <= start < end")
+    eps = analysis.get("eps", EPS)
+    if not isinstance(eps, int | float) or isinstance(eps, bool) or eps < 0:
+        raise ConfigError(f"analyses[{name}].eps = {eps!r}: a number >= 0")
     return {
         "sequences": list(dict.fromkeys(seqs)),
         "center": bool(analysis.get("center", True)),
+        "eps": float(eps),
         "start": start,
         "end": None if end is None else int(end),
     }
@@ -110,7 +118,9 @@ def run_similarity(
     with atomic_dir(out_dir) as tmp:
         offset = 0
         for s, (a, b) in spans.items():
-            sim = cosine_similarity_matrix(rows[offset : offset + b - a], center=opts["center"])
+            sim = cosine_similarity_matrix(
+                rows[offset : offset + b - a], center=opts["center"], eps=opts["eps"]
+            )
             offset += b - a
             full = np.full((b, b), np.nan, np.float32)
             full[a:b, a:b] = sim
