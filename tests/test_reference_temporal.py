@@ -225,3 +225,26 @@ def test_both_variance_explained_definitions_and_the_parts(run: dict) -> None:
         assert r[f"variance_explained_flat_{name}"] == pytest.approx(float(want), rel=1e-5)
         want_c = 1 - ((x - part) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
         assert r[f"variance_explained_{name}"] == pytest.approx(float(want_c), rel=1e-5)
+
+
+def test_every_analysis_reader_sees_the_exact_dense_codes(run: dict) -> None:
+    """UMAP/similarity (gather_rows), Mapper (load_points), matching (align_codes), total."""
+    from saeflow.embedding import gather_rows, iter_row_blocks
+    from saeflow.geometry.mapper import load_points
+    from saeflow.geometry.matching import align_codes
+
+    pred = load_codes(run["codes"], "pred", dense=True)
+    exact = pred.codes_NF
+    X, seq, pos = load_points(run["codes"], "pred")
+    np.testing.assert_array_equal(X.toarray(), exact)
+    A, B, dropped = align_codes(load_codes(run["codes"], "pred"), load_codes(run["codes"], "pred"))
+    np.testing.assert_array_equal(A.toarray(), exact)
+    assert dropped == 0
+    rows = gather_rows(
+        iter_row_blocks(run["codes"], "pred"), pred.seq_ids[::3], pred.positions[::3]
+    )
+    got = rows.toarray() if hasattr(rows, "toarray") else rows
+    np.testing.assert_array_equal(got, exact[::3])
+    total = load_codes(run["codes"], "total", dense=True).codes_NF
+    novel = load_codes(run["codes"], "novel", dense=True).codes_NF
+    np.testing.assert_array_equal(total, novel + exact)
