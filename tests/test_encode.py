@@ -199,7 +199,7 @@ def test_encode_temporal_dense_pred_is_exact(tmp_path: Path, dtype: str) -> None
     write_temporal(tmp_path / "temporal", conf, _state(conf))
     spec = {"name": "t", "format": "temporal", "path": str(tmp_path / "temporal")}
     out = tmp_path / "codes" / "manifest.json"
-    cfg = {"batch_tokens": 16, "pred_dtype": dtype}
+    cfg = {"batch_tokens": 16, "pred_dtype": dtype, "values_dtype": dtype}
     manifest = enc.encode_sae(acts, spec, out, encode_cfg=cfg, runtime={"device": "cpu"})
     assert manifest["storage"] == {"novel": "sparse", "pred": "dense"}
     sae = load_sae(spec)
@@ -215,12 +215,17 @@ def test_encode_temporal_dense_pred_is_exact(tmp_path: Path, dtype: str) -> None
         o = sae(x[a:b].unsqueeze(0))
         want = o.pred[0].to(getattr(torch, dtype)).float()
         torch.testing.assert_close(torch.from_numpy(pred.to_dense()[a:b]), want, atol=tol, rtol=tol)
+        want_total = (o.pred[0] + o.novel[0]) if dtype == "float32" else None
+        if want_total is not None:  # values_dtype float32: novel, hence total, exact too
+            got_total = torch.from_numpy(total.codes_NF[a:b])
+            torch.testing.assert_close(got_total, want_total, atol=tol, rtol=tol)
     np.testing.assert_array_equal(total.codes_NF, novel.codes_NF + pred.to_dense())
     # the sparse view analyses take is the same numbers, all of them
     csr = pred.to_scipy()
     assert csr.nnz == np.count_nonzero(pred.codes_NF)
     np.testing.assert_array_equal(csr.toarray(), pred.to_dense())
     assert manifest["nnz"]["pred"] == csr.nnz
+    assert load_codes(out, "novel").values.dtype == np.dtype(dtype)
     # resumes: a second run with the same settings keeps the shards
     again = enc.encode_sae(acts, spec, out, encode_cfg=cfg, runtime={"device": "cpu"})
     assert again["config_hash"] == manifest["config_hash"]

@@ -3,8 +3,8 @@
 A code directory (`results/codes/{model}/{dataset}/{sae}/`) holds one Parquet shard per activation
 shard, per part, and a `manifest.json` written last. Rows are tokens in activation order:
 `seq_id` int32, `pos` int32, `feature_ids` list<int32> (ascending), `values` list<float16>
-(only the non-zero codes). That is 6 bytes per non-zero plus a few bytes per token, against
-4 bytes per *feature* for dense codes.
+(only the non-zero codes; list<float32> with `encode.values_dtype: float32`, exact). That is 6
+bytes per non-zero plus a few bytes per token, against 4 bytes per *feature* for dense codes.
 
 Parts: a per-token SAE has one part, `codes`, in the directory itself. A temporal SAE has `novel`
 (the sparse TopK/ReLU codes of the unpredictable residual) and `pred` (the predictable codes) in
@@ -50,6 +50,7 @@ SCHEMA = pa.schema(
         ("values", pa.list_(pa.float16())),
     ]
 )
+SCHEMA_F32 = SCHEMA.set(3, pa.field("values", pa.list_(pa.float32())))
 TEMPORAL_PARTS = ("novel", "pred")
 DENSE_COLUMN = "codes"
 DENSE_DTYPE_KEY = b"saeflow.codes.dtype"
@@ -64,7 +65,7 @@ class Codes:
     positions: np.ndarray  # int32 [N]
     indptr: np.ndarray  # int64 [N+1]
     feature_ids: np.ndarray  # int32 [nnz], ascending within a row
-    values: np.ndarray  # float16 [nnz]
+    values: np.ndarray  # float16 (or float32) [nnz]
     d_sae: int
     part: str = "codes"
 
@@ -229,14 +230,16 @@ def write_code_shard(path: str | os.PathLike, codes: AnyCodes) -> None:
         write_dense_shard(path, codes)
         return
     offsets = pa.array(codes.indptr.astype(np.int32), type=pa.int32())
+    vtype = np.float32 if codes.values.dtype == np.float32 else np.float16
+    schema = SCHEMA if vtype == np.float16 else SCHEMA_F32
     table = pa.Table.from_arrays(
         [
             pa.array(codes.seq_ids.astype(np.int32, copy=False)),
             pa.array(codes.positions.astype(np.int32, copy=False)),
             pa.ListArray.from_arrays(offsets, pa.array(codes.feature_ids.astype(np.int32))),
-            pa.ListArray.from_arrays(offsets, pa.array(codes.values.astype(np.float16))),
+            pa.ListArray.from_arrays(offsets, pa.array(codes.values.astype(vtype))),
         ],
-        schema=SCHEMA,
+        schema=schema,
     )
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **PARQUET_OPTS)
@@ -327,7 +330,7 @@ def read_code_shard(path: str | os.PathLike, d_sae: int, part: str = "codes") ->
         table.column("pos").to_numpy().astype(np.int32),
         indptr,
         ids.astype(np.int32),
-        vals.astype(np.float16),
+        vals.astype(np.float32 if vals.dtype == np.float32 else np.float16),
         d_sae,
         part,
     )
@@ -336,7 +339,7 @@ def read_code_shard(path: str | os.PathLike, d_sae: int, part: str = "codes") ->
 def add_codes(a: AnyCodes, b: AnyCodes, part: str = "total") -> AnyCodes:
     """Per-token sum of two code sets over the same tokens (novel + pred = total).
 
-    Dense if either is dense (float32, exact); otherwise CSR with float16 values.
+    Dense if either is dense (float32, exact); otherwise CSR in the wider of the two value dtypes.
     """
     if len(a) != len(b) or not np.array_equal(a.seq_ids, b.seq_ids):
         raise DataError("cannot add code parts that cover different tokens")
@@ -352,7 +355,7 @@ def add_codes(a: AnyCodes, b: AnyCodes, part: str = "total") -> AnyCodes:
         a.positions,
         total.indptr.astype(np.int64),
         total.indices.astype(np.int32),
-        total.data.astype(np.float16),
+        total.data.astype(np.result_type(a.values.dtype, b.values.dtype)),
         a.d_sae,
         part,
     )

@@ -53,6 +53,7 @@ PROGRESS = sio.PROGRESS
 VERSION = 1
 DEFAULTS = {
     "batch_tokens": 4096,
+    "values_dtype": "float16",
     "pred_storage": "dense",
     "pred_dtype": "float32",
     "pred_k": None,
@@ -82,6 +83,10 @@ def encode_settings(encode_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     if cfg["pred_storage"] not in PRED_STORAGES:
         raise ConfigError(
             f"encode.pred_storage = {cfg['pred_storage']!r}: one of {', '.join(PRED_STORAGES)}"
+        )
+    if cfg["values_dtype"] not in DENSE_DTYPES:
+        raise ConfigError(
+            f"encode.values_dtype = {cfg['values_dtype']!r}: one of {', '.join(DENSE_DTYPES)}"
         )
     if cfg["pred_dtype"] not in DENSE_DTYPES:
         raise ConfigError(
@@ -141,8 +146,14 @@ def sequence_batches(offsets: np.ndarray, batch_tokens: int) -> list[tuple[int, 
     return batches
 
 
-def _to_codes(csr: CSR, seq_N: np.ndarray, pos_N: np.ndarray, d_sae: int, part: str) -> Codes:
-    vals = np.clip(csr.vals, -FP16_MAX, FP16_MAX).astype(np.float16)
+def _to_codes(
+    csr: CSR, seq_N: np.ndarray, pos_N: np.ndarray, d_sae: int, part: str, dtype: str = "float16"
+) -> Codes:
+    """Sparse `Codes` with values in `dtype` (float16 clipped to its range, or exact float32)."""
+    if dtype == "float32":
+        vals = csr.vals.astype(np.float32)
+    else:
+        vals = np.clip(csr.vals, -FP16_MAX, FP16_MAX).astype(np.float16)
     return Codes(
         seq_N.astype(np.int32), pos_N.astype(np.int32), csr.indptr, csr.ids, vals, d_sae, part
     )
@@ -246,7 +257,8 @@ def encode_sae(
     check_sae_matches(sae, int(acts_manifest["d_model"]), f"saes.{name} on {acts_dir}")
     temporal = bool(sae.is_temporal)
     part_dirs = list(TEMPORAL_PARTS) if temporal else ["."]
-    used = {"batch_tokens": cfg["batch_tokens"]}
+    used = {"batch_tokens": cfg["batch_tokens"], "values_dtype": cfg["values_dtype"]}
+    vdt = cfg["values_dtype"]
     if temporal:
         # attention maps are written beside the shards: changing them re-encodes nothing
         used.update({k: cfg[k] for k in DEFAULTS if k not in ("batch_tokens", "attention_maps")})
@@ -288,18 +300,18 @@ def encode_sae(
                 offsets = sequence_spans(seq_N, pos_N, f"{acts_dir}/{shard_name}")
                 novel, pred = encode_temporal(sae, acts_ND, offsets, cfg, device)
                 outputs = {
-                    "novel": _to_codes(novel, seq_N, pos_N, sae.d_sae, "novel"),
+                    "novel": _to_codes(novel, seq_N, pos_N, sae.d_sae, "novel", vdt),
                     "pred": (
                         DenseCodes(
                             seq_N.astype(np.int32), pos_N.astype(np.int32), pred, sae.d_sae, "pred"
                         )
                         if isinstance(pred, np.ndarray)
-                        else _to_codes(pred, seq_N, pos_N, sae.d_sae, "pred")
+                        else _to_codes(pred, seq_N, pos_N, sae.d_sae, "pred", vdt)
                     ),
                 }
             else:
                 csr = encode_per_token(sae, acts_ND, cfg["batch_tokens"], device)
-                outputs = {".": _to_codes(csr, seq_N, pos_N, sae.d_sae, "codes")}
+                outputs = {".": _to_codes(csr, seq_N, pos_N, sae.d_sae, "codes", vdt)}
             sizes, nnz = {}, {}
             for d, codes in outputs.items():
                 write_code_shard(out_dir / d / shard_name, codes)
@@ -393,7 +405,11 @@ def _finish(
             k: v for k, v in sae_spec.items() if k in ("name", "format", "repo", "path", "revision")
         },
         "sae_arch": sae.describe(),
-        "encode": dict(cfg) if sae.is_temporal else {"batch_tokens": cfg["batch_tokens"]},
+        "encode": (
+            dict(cfg)
+            if sae.is_temporal
+            else {"batch_tokens": cfg["batch_tokens"], "values_dtype": cfg["values_dtype"]}
+        ),
         "model": acts_manifest.get("model"),
         "layer": acts_manifest.get("layer"),
         "attention": progress.get("attention", {}),
