@@ -78,7 +78,7 @@ def resolve(release: str, sae_id: str, *, where: str = "saes", path: str | None 
 def apply_registry(name: str, spec: dict[str, Any]) -> None:
     """Fill repo/path/format/neuronpedia of a `release` + `sae_id` SAE spec in place (checked)."""
     where = f"saes.{name}"
-    if "release" not in spec and "sae_id" not in spec:
+    if spec.get("release") is None and spec.get("sae_id") is None:
         if not spec.get("format"):
             raise ConfigError(
                 f"{where}: needs format (or release + sae_id from SAELens's registry)"
