@@ -118,7 +118,6 @@ rule fit_mfa:
         "logs/fit_mfa/{analysis}.log",
     benchmark:
         "benchmarks/fit_mfa/{analysis}.tsv"
-    retries: 2
     conda:
         ENV_TORCH
     threads: 2
@@ -168,7 +167,6 @@ rule mfa_steer:
         "logs/mfa_steer/{analysis}.log",
     benchmark:
         "benchmarks/mfa_steer/{analysis}.tsv"
-    retries: 2
     conda:
         ENV_TORCH
     threads: 1
