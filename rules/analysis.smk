@@ -19,6 +19,7 @@ rule diff_stats:
     params:
         analysis=analysis_params,
         runtime=RUNTIME,
+        context_lengths=diffing_context_lengths,
     script:
         "../scripts/diff_stats.py"
 

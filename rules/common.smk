@@ -187,6 +187,17 @@ def diffing_inputs(wildcards):
     return out
 
 
+def diffing_context_lengths(wildcards):
+    """context_length of the target and control datasets (to explain a prompt cut short)."""
+    a = ANALYSES[wildcards.analysis]
+    return canonical(
+        {
+            s: config["datasets"][a[s]].get("context_length")
+            for s in ("target", "control")
+        }
+    )
+
+
 def code_source(wildcards):
     """Codes of the analysis' SAE, or the activations themselves for `codes: activations`."""
     a = ANALYSES[wildcards.analysis]

@@ -260,9 +260,7 @@ def _unknown_key_message(config: dict[str, Any], error: Any) -> str:
     ):
         where = f" of a {error.instance['type']} analysis"
     hint = _suggest(str(key), error.schema.get("properties", {}))
-    return (
-        f"config key {path} = {_short(error.instance[key])}: unknown key{where}; {hint}"
-    )
+    return f"config key {path} = {_short(error.instance[key])}: unknown key{where}; {hint}"
 
 
 def _error_message(error: Any) -> str:
@@ -400,6 +398,7 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
                 f"{key}.layer = {spec['layer']}: "
                 f"the model has {n_layers} layers (0..{n_layers - 1})"
             )
+    sizes: dict[str, int | None] = {}
     for name, spec in config.get("datasets", {}).items():
         key = f"datasets.{name}"
         if spec["source"] == "organism":
@@ -414,7 +413,9 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
         elif spec["source"] == "file" and check_files:
             from saeflow.data import check_file_source
 
-            check_file_source(name, spec, config_dir)
+            sizes[name] = check_file_source(name, spec, config_dir)
+        if sizes.get(name) is None and spec.get("num_sequences") is not None:
+            sizes[name] = int(spec["num_sequences"])
     for name, spec in config.get("saes", {}).items():
         key = f"saes.{name}"
         _need(config, "models", spec["model"], f"{key}.model")
@@ -425,6 +426,13 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
                 _need(config, "datasets", ds, f"{key}.train.datasets")
         elif "path" not in spec and "repo" not in spec:
             raise ConfigError(f"{key}: needs path (local folder/file) or repo + path (hub)")
+        elif "repo" not in spec and check_files:
+            local = resolve_path(spec["path"], config)
+            if not Path(local).exists():
+                raise ConfigError(
+                    f"{key}.path = {spec['path']!r}: no such file or folder ({local}); "
+                    "for a hub SAE also set repo:"
+                )
         for ds in spec.get("eval_datasets", []):
             _need(config, "datasets", ds, f"{key}.eval_datasets")
     seen: set[str] = set()
@@ -451,6 +459,14 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
                 found = [a for a in config["analyses"] if a["name"] == ref]
                 if not found or found[0]["type"] != kind:
                     raise ConfigError(f"{key}.{field} = {ref!r}: no {kind} analysis of that name")
+        n_seq = sizes.get(analysis.get("dataset"))
+        if analysis["type"] == "similarity" and n_seq is not None:
+            bad = [i for i in analysis["sequences"] if i >= n_seq]
+            if bad:
+                raise ConfigError(
+                    f"{key}.sequences = {analysis['sequences']}: sequence {bad[0]} does not exist; "
+                    f"datasets.{analysis['dataset']} has {n_seq} sequences (ids 0..{n_seq - 1})"
+                )
         if analysis["type"] in ("umap", "similarity") and analysis.get("codes") in (
             "pred",
             "novel",
