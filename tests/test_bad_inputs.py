@@ -713,3 +713,16 @@ def test_one_umap_value_plans_that_umap_its_page_and_the_index(finished):
         f"report_umap[analysis={name}]",
         "report_index",
     }, jobs
+
+
+def test_check_command_names_file_and_line(tmp_path, capsys):
+    """`python -m saeflow.config FILE`: what Snakemake's own --configfile message cannot say."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  base: {layer: 1\n")
+    assert sfc.main([str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saeflow: config error: config file") and "line 3" in err, err
+    (tmp_path / "empty.yaml").write_text("")
+    assert sfc.main([str(tmp_path / "empty.yaml")]) == 1
+    assert "is empty" in capsys.readouterr().err
+    assert sfc.main([str(write_config(tmp_path / "ok", tiny_config()))]) == 0

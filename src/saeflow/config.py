@@ -529,3 +529,29 @@ def analysis(config: dict[str, Any], name: str) -> dict[str, Any]:
 def public_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config as the user wrote it plus defaults, without internal keys (for the index page)."""
     return canonical({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m saeflow.config FILE [FILE...]`: check config files as `snakemake -n` does.
+
+    Snakemake parses a `--configfile` itself before the Snakefile runs, and its message for a
+    YAML syntax error or an empty file names neither file nor line; this names both.
+    """
+    import sys
+
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        print("usage: python -m saeflow.config CONFIG.yaml [MORE.yaml ...]", file=sys.stderr)
+        return 2
+    try:
+        config = read_config_files(paths)
+        prepare(config, Path(paths[-1]).resolve().parent)
+    except ConfigError as err:
+        print(f"saeflow: config error: {err}", file=sys.stderr)
+        return 1
+    print(f"saeflow: {', '.join(paths)}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
