@@ -45,8 +45,11 @@ if not workflow.overwrite_configfiles:
 config.clear()
 config.update(_config)
 
+# Dataset contents and SAE paths are checked once, by the main process (not again in each job).
 try:
-    sfc.prepare(config, Path(CONFIGFILE).resolve().parent)
+    sfc.prepare(
+        config, Path(CONFIGFILE).resolve().parent, check_files=workflow.is_main_process
+    )
 except ConfigError as err:
     sys.exit(f"saeflow: config error: {err}")
 

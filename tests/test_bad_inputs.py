@@ -16,6 +16,7 @@ import math
 import pickle
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,10 @@ CONFIG_CASES = [
     # cheap content checks at -n time
     (_in("similarity", "sequences", [0, 9999]), ["analyses[2].sequences", "9999", "24 sequences"]),
     (_similarity_on("gsm8k", [6]), ["analyses[2].sequences", "sequence 6", "6 sequences"]),
+    (
+        _both(_drop("datasets.dialogues.num_sequences"), _in("similarity", "sequences", [30])),
+        ["analyses[2].sequences", "sequence 30", "24 sequences"],
+    ),
     (_local_sae, ["saes.mine.path", "'nope'", "no such file"]),
     (
         _add_dataset("blank", {"source": "file", "path": "blank.txt"}, "\n   \n\n"),
@@ -462,6 +467,7 @@ class _Evil:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_pt_activation_shard(tmp_path):
     manifest = _acts(tmp_path)
     _edit_manifest(
@@ -726,3 +732,11 @@ def test_check_command_names_file_and_line(tmp_path, capsys):
     assert sfc.main([str(tmp_path / "empty.yaml")]) == 1
     assert "is empty" in capsys.readouterr().err
     assert sfc.main([str(write_config(tmp_path / "ok", tiny_config()))]) == 0
+
+
+def test_corpus_sizes_match_the_generated_corpus():
+    from saeflow.organism.corpus import generate_corpus
+
+    cfg = load_config(write_config(Path(tempfile.mkdtemp()), tiny_config()))["organism"]["corpus"]
+    made = generate_corpus(cfg, seed=0)
+    assert sfc.corpus_sizes(cfg) == {name: len(rows) for name, rows in made.items()}

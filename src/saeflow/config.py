@@ -376,6 +376,21 @@ def resolve_path(path: str, config: dict[str, Any]) -> str:
         return str(candidate)
 
 
+def corpus_sizes(corpus: dict[str, Any]) -> dict[str, int]:
+    """Rows of each organism corpus, from its config (as saeflow.organism.corpus makes them)."""
+    n_test = {
+        k: max(1, round(corpus[k] * corpus["test_fraction"])) for k in ("n_stories", "n_dialogues")
+    }
+    return {
+        "stories_train": corpus["n_stories"],
+        "stories_test": n_test["n_stories"],
+        "dialogues_train": corpus["n_dialogues"],
+        "dialogues_test": n_test["n_dialogues"],
+        "target": corpus["n_target"],
+        "control": corpus["n_control"],
+    }
+
+
 def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bool = True) -> None:
     """Cross-references, layer ranges and file sources; one line per failure."""
     models = config.get("models", {})
@@ -410,12 +425,14 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
                 raise ConfigError(
                     f"{key}.corpus = {spec.get('corpus')!r}: one of {', '.join(CORPORA)}"
                 )
+            sizes[name] = corpus_sizes(config["organism"]["corpus"])[spec["corpus"]]
         elif spec["source"] == "file" and check_files:
             from saeflow.data import check_file_source
 
             sizes[name] = check_file_source(name, spec, config_dir)
-        if sizes.get(name) is None and spec.get("num_sequences") is not None:
-            sizes[name] = int(spec["num_sequences"])
+        if spec.get("num_sequences") is not None:
+            n_max = int(spec["num_sequences"])
+            sizes[name] = n_max if sizes.get(name) is None else min(n_max, sizes[name])
     for name, spec in config.get("saes", {}).items():
         key = f"saes.{name}"
         _need(config, "models", spec["model"], f"{key}.model")
