@@ -740,3 +740,22 @@ def test_corpus_sizes_match_the_generated_corpus():
     cfg = load_config(write_config(Path(tempfile.mkdtemp()), tiny_config()))["organism"]["corpus"]
     made = generate_corpus(cfg, seed=0)
     assert sfc.corpus_sizes(cfg) == {name: len(rows) for name, rows in made.items()}
+
+
+def test_a_job_failing_on_bad_input_prints_one_line(tmp_path):
+    """A script entry point (log_to) that raises a saeflow error: one line, exit status 1."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "job.log"
+    code = (
+        "from saeflow.utils import log_to\n"
+        "from saeflow.errors import DataError\n"
+        f"log_to({str(log)!r})\n"
+        "raise DataError('results/x/manifest.json: not valid JSON; rerun')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    want = "saeflow: data error: results/x/manifest.json: not valid JSON; rerun"
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == want, proc.stderr
+    assert log.read_text().strip() == want
