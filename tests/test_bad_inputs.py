@@ -595,6 +595,42 @@ def test_tokenizer_folder_missing_files(tmp_path, tiny_lm):
     _expect(lambda: load_tokenizer(str(lm)), str(lm), "tokenizer files")
 
 
+def _with_local_model(folder: Path) -> Mutation:
+    def apply(cfg: dict[str, Any]) -> None:
+        cfg["models"]["real"] = {"hf_name": str(folder), "layer": 0}
+
+    return apply
+
+
+@pytest.mark.parametrize("damage", ["custom-code", "pickled", "truncated", "no-tokenizer"])
+def test_local_model_folder_is_checked_before_any_job(tmp_path, tiny_lm, damage):
+    lm = _copy_lm(tiny_lm, tmp_path / "lm")
+    if damage == "custom-code":
+        cfg = json.loads((lm / "config.json").read_text())
+        cfg.update(model_type="my_own_lm", auto_map={"AutoConfig": "modeling_mine.MyConfig"})
+        (lm / "config.json").write_text(json.dumps(cfg))
+        words = ["models.real.hf_name", "trust_remote_code"]
+    elif damage == "pickled":
+        torch.save({"w": torch.zeros(2)}, lm / "pytorch_model.bin")
+        (lm / "model.safetensors").unlink()
+        words = ["models.real.hf_name", "pytorch_model.bin", "never loads"]
+    elif damage == "truncated":
+        blob = (lm / "model.safetensors").read_bytes()
+        (lm / "model.safetensors").write_bytes(blob[:-100])
+        words = ["models.real.hf_name", "model.safetensors", "truncated"]
+    else:
+        for name in ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model"):
+            (lm / name).unlink(missing_ok=True)
+        words = ["models.real.hf_name", "tokenizer files"]
+    cfg = tiny_config()
+    _with_local_model(lm)(cfg)
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path / "cfg", cfg))
+    message = _one_line(err)
+    for word in words:
+        assert word in message, message
+
+
 def test_diffing_prompt_cut_by_context_length(tmp_path):
     from _fixtures_models import write_tokens
 

@@ -376,6 +376,19 @@ def resolve_path(path: str, config: dict[str, Any]) -> str:
         return str(candidate)
 
 
+def _check_model_folder(key: str, folder: str, spec: dict[str, Any]) -> None:
+    """A local model folder loads safely: config, complete safetensors, custom code only when
+    opted in, tokenizer files (header reads only)."""
+    from saeflow import verify
+    from saeflow.errors import DataError
+
+    try:
+        verify.model_folder(folder, bool(spec.get("trust_remote_code")))
+        verify.tokenizer_folder(folder)
+    except DataError as err:
+        raise ConfigError(f"{key}.hf_name = {spec['hf_name']!r}: {err}") from None
+
+
 def corpus_sizes(corpus: dict[str, Any]) -> dict[str, int]:
     """Rows of each organism corpus, from its config (as saeflow.organism.corpus makes them)."""
     n_test = {
@@ -407,6 +420,8 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
             raise ConfigError(
                 f"{key}: needs hf_name (a hub id or local folder) or source: organism"
             )
+        elif check_files and Path(resolve_path(spec["hf_name"], config)).is_dir():
+            _check_model_folder(key, resolve_path(spec["hf_name"], config), spec)
         n_layers = model_n_layers(config, name)
         if n_layers is not None and not 0 <= spec["layer"] < n_layers:
             raise ConfigError(

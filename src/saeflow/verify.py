@@ -225,6 +225,8 @@ def model_folder(path: str | os.PathLike, trust_remote_code: bool) -> None:
             "trust it, set trust_remote_code: true in its models.<name> entry"
         )
     weights = sorted(folder.glob("*.safetensors"))
+    if not weights and any(folder.glob("*.gguf")):
+        return  # GGUF weights: checked by the GGUF reader
     if not weights:
         pickled = [p.name for p in (*folder.glob("*.bin"), *folder.glob("*.pt")) if p.is_file()]
         if pickled:
