@@ -135,6 +135,7 @@ CONFIG_CASES = [
     (_in("mfa", "psi", "shard"), ["analyses[3].psi", "shared"]),
     (_set("saes.topk.format", "saelen"), ["saes.topk.format", "saelens"]),
     (_set("umap_warmup", "yes"), ["umap_warmup"]),
+    (_set("models.base.revision", 1234567), ["models.base.revision", "quote it"]),
     (_in("mfa", "steer", {"alphas": ["a"]}), ["analyses[3].steer.alphas[0]"]),
     (_in("similarity", "sequences", [-1]), ["analyses[2].sequences[0]"]),
     (_set("organism.chat.loss_on", "models"), ["organism.chat.loss_on", "model"]),

@@ -271,6 +271,10 @@ def _error_message(error: Any) -> str:
         if "integer" in (wanted if isinstance(wanted, list) else [wanted]):
             fix = int(error.instance) if error.instance.is_integer() else "a whole number"
             return f"config key {key} = {value}: must be an integer (write {fix})"
+    if error.validator == "type" and isinstance(error.instance, (int, float)):
+        wanted = error.validator_value
+        if "string" in (wanted if isinstance(wanted, list) else [wanted]):
+            return f"config key {key} = {value}: must be a string; quote it in the file"
     if error.validator == "enum" and isinstance(error.instance, str):
         options = [str(v) for v in error.validator_value if v is not None]
         close = difflib.get_close_matches(error.instance, options, n=1, cutoff=0.6)
