@@ -23,15 +23,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from saeflow import config as sfc
 from saeflow.errors import ConfigError
 
-CONFIGFILE = (
-    str(workflow.overwrite_configfiles[-1])
-    if workflow.overwrite_configfiles
-    else str(Path(workflow.basedir) / "config.yaml")
-)
+CONFIGFILES = [str(f) for f in workflow.overwrite_configfiles] or [
+    str(Path(workflow.basedir) / "config.yaml")
+]
+CONFIGFILE = CONFIGFILES[-1]
 
+# Snakemake has parsed the config files already (keeping the last of a key given twice, running
+# YTE templates); saeflow re-reads them as plain data with its own checks and uses that, with any
+# --config values on top, so every job sees the same plain dicts whatever the file format.
 try:
-    if not workflow.overwrite_configfiles:
-        sfc.read_yaml(CONFIGFILE)
+    _config = sfc.read_config_files(CONFIGFILES, workflow.config_settings.config)
 except ConfigError as err:
     sys.exit(f"saeflow: config error: {err}")
 
@@ -41,8 +42,14 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
+config.clear()
+config.update(_config)
+
+# Dataset contents and SAE paths are checked once, by the main process (not again in each job).
 try:
-    sfc.prepare(config, Path(CONFIGFILE).resolve().parent)
+    sfc.prepare(
+        config, Path(CONFIGFILE).resolve().parent, check_files=workflow.is_main_process
+    )
 except ConfigError as err:
     sys.exit(f"saeflow: config error: {err}")
 

@@ -11,7 +11,6 @@ rule cache_activations:
         "logs/cache_activations/{model}/{dataset}/layer_{layer}.log",
     benchmark:
         "benchmarks/cache_activations/{model}/{dataset}/layer_{layer}.tsv"
-    retries: 2
     conda:
         ENV_TORCH
     threads: 2
@@ -20,7 +19,7 @@ rule cache_activations:
         mem_mb=16000,
     params:
         model=model_params,
-        activations=config["activations"],
+        activations=ACTIVATIONS,
         runtime=RUNTIME,
     script:
         "../scripts/cache_activations.py"

@@ -19,6 +19,7 @@ rule diff_stats:
     params:
         analysis=analysis_params,
         runtime=RUNTIME,
+        context_lengths=diffing_context_lengths,
     script:
         "../scripts/diff_stats.py"
 
@@ -118,7 +119,6 @@ rule fit_mfa:
         "logs/fit_mfa/{analysis}.log",
     benchmark:
         "benchmarks/fit_mfa/{analysis}.tsv"
-    retries: 2
     conda:
         ENV_TORCH
     threads: 2
@@ -168,7 +168,6 @@ rule mfa_steer:
         "logs/mfa_steer/{analysis}.log",
     benchmark:
         "benchmarks/mfa_steer/{analysis}.tsv"
-    retries: 2
     conda:
         ENV_TORCH
     threads: 1

@@ -1,7 +1,9 @@
 """Paths, config slices and input functions shared by the rules.
 
 Each rule receives only the slice of config that it uses as `params`, so a change to one analysis
-invalidates only that analysis' jobs (Snakemake's params rerun trigger).
+invalidates only that analysis' jobs (Snakemake's params rerun trigger). Snakemake compares params
+by their `repr`, so every slice goes through `sfc.canonical` (sorted keys, plain types): key order,
+YAML vs JSON and a key written at its default change no params.
 """
 
 import re
@@ -12,9 +14,12 @@ ENV_ANALYSIS = "../envs/analysis.yaml"
 ENV_REPORT = "../envs/report.yaml"
 NEVER = "(?!x)x"
 
-RUNTIME = config["runtime"]
-ORGANISM = config.get("organism")
-ANALYSES = {a["name"]: a for a in config.get("analyses", [])}
+canonical = sfc.canonical
+RUNTIME = canonical(config["runtime"])
+ORGANISM = canonical(config.get("organism"))
+ACTIVATIONS = canonical(config["activations"])
+METRICS = canonical(config["metrics"])
+ANALYSES = {a["name"]: canonical(a) for a in config.get("analyses", [])}
 
 
 def _names_regex(names):
@@ -83,31 +88,31 @@ def sae_files(sae):
 
 
 def model_params(wildcards):
-    return sfc.model_spec(config, wildcards.model)
+    return canonical(sfc.model_spec(config, wildcards.model))
 
 
 def loader_params(wildcards):
     """Only what loading the tokenizer needs, so a layer change does not re-tokenize."""
     spec = sfc.model_spec(config, wildcards.model)
-    return {
-        k: spec[k] for k in ("path", "revision", "trust_remote_code", "chat_template")
-    }
+    return canonical(
+        {k: spec[k] for k in ("path", "revision", "trust_remote_code", "chat_template")}
+    )
 
 
 def dataset_params(wildcards):
-    return sfc.dataset_spec(config, wildcards.dataset)
+    return canonical(sfc.dataset_spec(config, wildcards.dataset))
 
 
 def sae_params(wildcards):
-    return sfc.sae_spec(config, wildcards.sae)
+    return canonical(sfc.sae_spec(config, wildcards.sae))
 
 
 def sae_train_params(wildcards):
-    return config["saes"][wildcards.sae]["train"]
+    return canonical(config["saes"][wildcards.sae]["train"])
 
 
 def analysis_params(wildcards):
-    return ANALYSES[wildcards.analysis]
+    return canonical(ANALYSES[wildcards.analysis])
 
 
 def sae_train_inputs(wildcards):
@@ -161,7 +166,7 @@ def sae_inputs(wildcards):
 
 
 def encode_params(wildcards):
-    return config["encode"]
+    return canonical(config["encode"])
 
 
 # --- analysis rules
@@ -180,6 +185,17 @@ def diffing_inputs(wildcards):
     if a.get("explanations"):
         out["explanations"] = sfc.resolve_path(a["explanations"], config)
     return out
+
+
+def diffing_context_lengths(wildcards):
+    """context_length of the target and control datasets (to explain a prompt cut short)."""
+    a = ANALYSES[wildcards.analysis]
+    return canonical(
+        {
+            s: config["datasets"][a[s]].get("context_length")
+            for s in ("target", "control")
+        }
+    )
 
 
 def code_source(wildcards):
@@ -201,7 +217,7 @@ def analysis_acts(wildcards):
 
 
 def analysis_model_params(wildcards):
-    return sfc.model_spec(config, ANALYSES[wildcards.analysis]["model"])
+    return canonical(sfc.model_spec(config, ANALYSES[wildcards.analysis]["model"]))
 
 
 def analysis_model_files(wildcards):
@@ -244,7 +260,7 @@ def top_examples_inputs(wildcards):
 
 
 def geo_sae_params(wildcards):
-    return sfc.sae_spec(config, ANALYSES[wildcards.analysis]["sae"])
+    return canonical(sfc.sae_spec(config, ANALYSES[wildcards.analysis]["sae"]))
 
 
 def match_inputs(wildcards):
@@ -258,11 +274,11 @@ def match_inputs(wildcards):
 
 
 def match_sae_a(wildcards):
-    return sfc.sae_spec(config, ANALYSES[wildcards.analysis]["a"]["sae"])
+    return canonical(sfc.sae_spec(config, ANALYSES[wildcards.analysis]["a"]["sae"]))
 
 
 def match_sae_b(wildcards):
-    return sfc.sae_spec(config, ANALYSES[wildcards.analysis]["b"]["sae"])
+    return canonical(sfc.sae_spec(config, ANALYSES[wildcards.analysis]["b"]["sae"]))
 
 
 def _as_list(value):
@@ -289,14 +305,18 @@ def decoder_umap_inputs(wildcards):
 
 
 def decoder_umap_saes(wildcards):
-    return {s: sfc.sae_spec(config, s) for s in ANALYSES[wildcards.analysis]["saes"]}
+    return canonical(
+        {s: sfc.sae_spec(config, s) for s in ANALYSES[wildcards.analysis]["saes"]}
+    )
 
 
 def decoder_umap_models(wildcards):
-    return {
-        s: sfc.model_spec(config, config["saes"][s]["model"])
-        for s in ANALYSES[wildcards.analysis]["saes"]
-    }
+    return canonical(
+        {
+            s: sfc.model_spec(config, config["saes"][s]["model"])
+            for s in ANALYSES[wildcards.analysis]["saes"]
+        }
+    )
 
 
 def mapper_inputs(wildcards):
@@ -325,7 +345,9 @@ REP = f"{R}/reports"
 
 
 def neuronpedia_of(wildcards):
-    return config["saes"][ANALYSES[wildcards.analysis]["sae"]].get("neuronpedia")
+    return canonical(
+        config["saes"][ANALYSES[wildcards.analysis]["sae"]].get("neuronpedia")
+    )
 
 
 def similarity_tokens(wildcards):

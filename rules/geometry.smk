@@ -17,7 +17,6 @@ rule top_examples:
         "benchmarks/top_examples/{analysis}.tsv"
     wildcard_constraints:
         analysis=_names("top_examples"),
-    retries: 2
     conda:
         ENV_TORCH
     threads: 2
@@ -46,7 +45,6 @@ rule match_features:
         "benchmarks/match_features/{analysis}.tsv"
     wildcard_constraints:
         analysis=_names("match_features"),
-    retries: 2
     conda:
         ENV_TORCH
     threads: 2

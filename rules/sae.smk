@@ -60,7 +60,6 @@ rule encode_sae:
         "logs/encode_sae/{model}/{dataset}/{sae}.log",
     benchmark:
         "benchmarks/encode_sae/{model}/{dataset}/{sae}.tsv"
-    retries: 2
     conda:
         ENV_TORCH
     threads: 2
@@ -88,7 +87,6 @@ rule sae_metrics:
         "logs/sae_metrics/{model}/{dataset}/{sae}.log",
     benchmark:
         "benchmarks/sae_metrics/{model}/{dataset}/{sae}.tsv"
-    retries: 2
     conda:
         ENV_TORCH
     threads: 2
@@ -99,6 +97,6 @@ rule sae_metrics:
         sae=sae_params,
         model=model_params,
         runtime=RUNTIME,
-        metrics=config["metrics"],
+        metrics=METRICS,
     script:
         "../scripts/sae_metrics.py"

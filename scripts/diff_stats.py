@@ -14,4 +14,5 @@ run_diffing(
     features_out=snakemake.output.features,
     summary_out=snakemake.output.summary,
     explanations=snakemake.input.get("explanations"),
+    context_lengths=dict(snakemake.params.context_lengths),
 )

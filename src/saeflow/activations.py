@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from saeflow import io as sio
+from saeflow import verify
 from saeflow.codes import list_column_csr
 from saeflow.devices import resolve_device, resolve_dtype
 from saeflow.errors import ConfigError, DataError
@@ -208,9 +209,9 @@ def _read_shard(
     path: Path, fmt: str, dtype: torch.dtype, d_model: int
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     if fmt == "pt":
-        data = torch.load(path, weights_only=True, map_location="cpu")
+        data = verify.read_pt(path)
         return data["seq_id"].numpy(), data["pos"].numpy(), data["act"]
-    table = pq.read_table(path)
+    table = verify.read_parquet(path)
     seq_N = table.column("seq_id").to_numpy()
     pos_N = table.column("pos").to_numpy()
     act = table.column("act").combine_chunks()
@@ -236,16 +237,20 @@ def iter_activation_shards(
     `path` is the layer directory or its manifest.json; acts_ND is in the stored dtype.
     """
     directory = _resolve_dir(path)
-    manifest = sio.read_manifest(directory)
+    manifest = verify.read_manifest(directory)
+    verify.activation_manifest(directory, manifest)
     dtype = getattr(torch, manifest["dtype"])
     for shard in manifest["shards"]:
-        yield _read_shard(directory / shard["file"], manifest["format"], dtype, manifest["d_model"])
+        file, d_model = directory / shard["file"], manifest["d_model"]
+        rows = _read_shard(file, manifest["format"], dtype, d_model)
+        verify.activation_shard(file, rows, shard, dtype, d_model)
+        yield rows
 
 
 def load_activations(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """All cached rows at once: (seq_ids_N, positions_N, acts_ND) in shard order."""
     directory = _resolve_dir(path)
-    manifest = sio.read_manifest(directory)
+    manifest = verify.read_manifest(directory)
     parts = list(iter_activation_shards(directory))
     if not parts:
         dtype = getattr(torch, manifest["dtype"])

@@ -31,8 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from saeflow import verify
 from saeflow.errors import DataError
-from saeflow.io import atomic_path, read_manifest
+from saeflow.io import atomic_path
 
 CODES_FORMAT = "saeflow.codes/1"
 SHARD_EXT = "parquet"
@@ -365,9 +366,10 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     directory = Path(path)
     if directory.name == "manifest.json":
         directory = directory.parent
-    manifest = read_manifest(directory)
+    manifest = verify.read_manifest(directory)
     if manifest.get("format") != CODES_FORMAT:
         raise DataError(f"{directory}/manifest.json: not a saeflow code directory")
+    verify.codes_manifest(directory, manifest)
     return directory, manifest
 
 

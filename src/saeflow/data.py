@@ -117,10 +117,11 @@ def fetch_dataset(
 
 def check_file_source(
     name: str, spec: dict[str, Any], config_dir: str | os.PathLike | None
-) -> None:
+) -> int | None:
     """Fail fast, before any job runs, on a missing file or a field that names no column.
 
-    Reads only the header (or the first rows) of the file, so it is cheap to run on every config.
+    Reads the header, and the whole file when it is small (CHECK_BYTES), so it is cheap to run on
+    every config. Returns the number of sequences when it is known.
     """
     path = resolve_path(name, spec, config_dir)
     if not path.is_file():
@@ -131,7 +132,33 @@ def check_file_source(
         columns = _header_columns(name, fmt, path, spec)
     except DataError as exc:
         raise ConfigError(f"datasets.{name}.path: {exc}") from exc
-    resolve_fields(name, spec.get("fields"), columns, str(path), ConfigError)
+    mapping = resolve_fields(name, spec.get("fields"), columns, str(path), ConfigError)
+    return _check_records(name, spec, path, mapping)
+
+
+CHECK_BYTES = 16 << 20  # files up to this size are read in full before any job
+
+
+def _check_records(
+    name: str, spec: dict[str, Any], path: Path, mapping: dict[str, str]
+) -> int | None:
+    """Every record of a small file converted as the job will (a blank file, a null text or a
+    malformed chat message fails now, not in a job); returns the number of sequences kept, or
+    None for a file too big to read here."""
+    if path.stat().st_size > CHECK_BYTES:
+        return None
+    try:
+        _, rows = _read_file(name, spec, path)
+        for i, row in enumerate(rows):
+            _to_record(name, row, mapping, str(path), i)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from exc
+    except (pa.ArrowException, OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"datasets.{name}.path: cannot read {path} ({exc})") from exc
+    if not rows:
+        raise ConfigError(f"datasets.{name}.path: {path} holds no records (is it blank?)")
+    n_max = _num_sequences(name, spec)
+    return len(rows) if n_max is None else min(n_max, len(rows))
 
 
 def resolve_path(name: str, spec: dict[str, Any], config_dir: str | os.PathLike | None) -> Path:
@@ -405,6 +432,12 @@ def _to_record(name: str, row: Record, mapping: dict[str, str], where: str, i: i
     def what(key: str) -> Callable[[], str]:
         return lambda: f"datasets.{name}: {where} record {i} field {mapping[key]!r}"
 
+    for key in ("text", "instruction"):
+        if key in mapping and row.get(mapping[key]) is None:
+            raise DataError(
+                f"{what(key)()} is missing or null: fix or drop that record "
+                f"(or point datasets.{name}.fields.{key} at another column)"
+            )
     if "text" in mapping:
         return {"text": _as_str(row.get(mapping["text"]), what("text"))}
     if "messages" in mapping:

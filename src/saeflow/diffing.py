@@ -355,8 +355,12 @@ def run_diffing(
     features_out: str | os.PathLike,
     summary_out: str | os.PathLike,
     explanations: str | os.PathLike | None = None,
+    context_lengths: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """The diff_stats stage: tokens[set][model] / codes[set][model] paths -> parquet + summary."""
+    """The diff_stats stage: tokens[set][model] / codes[set][model] paths -> parquet + summary.
+
+    `context_lengths[set]`: the dataset's context_length, so a prompt it cut before the model
+    turn is reported as that, not as a missing header."""
     name = analysis.get("name", "?")
     models = list(analysis.get("models", []))
     if len(models) != 2 or models[0] == models[1]:
@@ -380,14 +384,27 @@ def run_diffing(
         n_prompts[s] = len(seq_ids)
         if not n_prompts[s]:
             raise DataError(f"{tokens[s][b]}: no prompts")
-        if any(tt.anchor is None for tt in token_types):
-            header = pick_model_header(
-                token_strs, analysis.get("model_header"), source=str(tokens[s][b])
+        try:
+            if any(tt.anchor is None for tt in token_types):
+                header = pick_model_header(
+                    token_strs, analysis.get("model_header"), source=str(tokens[s][b])
+                )
+                headers.add(header)
+            pos_TS = resolve_positions(
+                token_strs, seq_ids.tolist(), token_types, header, source=str(tokens[s][b])
             )
-            headers.add(header)
-        pos_TS = resolve_positions(
-            token_strs, seq_ids.tolist(), token_types, header, source=str(tokens[s][b])
-        )
+        except (ConfigError, DataError) as err:
+            limit = (context_lengths or {}).get(s)
+            cut = [
+                int(i) for i, t in zip(seq_ids, token_strs, strict=True) if len(t) >= (limit or 0)
+            ]
+            if limit and cut:
+                raise DataError(
+                    f"{tokens[s][b]}: datasets.{dataset}.context_length = {limit} cuts "
+                    f"{len(cut)} prompt(s) (seq_id {cut[0]} first) before the model turn that "
+                    "diffing anchors on; raise context_length or remove it from that dataset"
+                ) from err
+            raise
         T, S = pos_TS.shape
         for m in models:
             part = resolve_part(codes[s][m], kind, "total")

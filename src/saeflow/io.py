@@ -128,8 +128,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def dumps_json(obj: Any) -> str:
-    """Canonical JSON: sorted keys, so the same content gives the same bytes."""
-    return json.dumps(obj, sort_keys=True, indent=2, default=_json_default) + "\n"
+    """Canonical, strict JSON: sorted keys (the same content gives the same bytes), NaN and
+    infinities written as null (JSON has no NaN)."""
+    from saeflow.verify import json_safe
+
+    obj = json_safe(obj)
+    return json.dumps(obj, sort_keys=True, indent=2, allow_nan=False, default=_json_default) + "\n"
 
 
 def _json_default(obj: Any) -> Any:

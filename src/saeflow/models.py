@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saeflow import verify
 from saeflow.devices import resolve_device, resolve_dtype
 from saeflow.errors import ConfigError
 
@@ -153,7 +154,11 @@ def load_lm(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     common = {"revision": revision, "trust_remote_code": trust_remote_code}
-    config = AutoConfig.from_pretrained(path, **common)
+    verify.model_folder(path, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+    except (OSError, ValueError) as err:
+        raise verify.model_error(path, err) from None
     n_layers = n_layers_of(config)
     if upto_layer is not None and not 0 <= upto_layer < n_layers:
         raise ConfigError(f"layer: {upto_layer} is out of range for {path} ({n_layers} layers)")

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from saeflow import verify
 from saeflow.data import render_plain
 from saeflow.errors import ConfigError, DataError
 from saeflow.io import atomic_path
@@ -65,6 +66,7 @@ def load_tokenizer(
     """`AutoTokenizer.from_pretrained` with a one-line error naming the model."""
     from transformers import AutoTokenizer
 
+    verify.tokenizer_folder(model_path)
     try:
         return AutoTokenizer.from_pretrained(
             model_path, revision=revision, trust_remote_code=trust_remote_code

@@ -28,8 +28,25 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def _one_line_errors(kind: type, err: BaseException, tb: object) -> None:
+    """A saeflow error ends the job as its one line (in the log and on the terminal); any other
+    exception keeps its traceback."""
+    from saeflow.errors import ConfigError, DataError, SaeflowError
+
+    if not isinstance(err, SaeflowError):
+        sys.__excepthook__(kind, err, tb)
+        return
+    what = {ConfigError: "config error", DataError: "data error"}.get(type(err), "error")
+    line = f"saeflow: {what}: {err}"
+    for stream in dict.fromkeys((sys.stderr, sys.__stderr__)):
+        if stream is not None:
+            print(line, file=stream, flush=True)
+
+
 def log_to(path: str | None) -> logging.Logger:
-    """Send stdout, stderr (tqdm bars included) and `logging` to the rule's log file."""
+    """Send stdout, stderr (tqdm bars included) and `logging` to the rule's log file; a saeflow
+    error ends the job as one line, not a traceback."""
+    sys.excepthook = _one_line_errors
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         stream = open(path, "a", buffering=1)  # noqa: SIM115 - lives for the whole process

@@ -190,7 +190,9 @@ def run_decoder_umap(
 
     params = {**DEFAULTS, **{k: v for k, v in analysis.items() if v is not None}}
     torch.set_num_threads(max(1, int(threads)))
-    decoders = {name: load_decoder(spec) for name, spec in sae_specs.items()}
+    # In the analysis' own order (the params mapping has sorted keys).
+    order = [s for s in params.get("saes", []) if s in sae_specs] or list(sae_specs)
+    decoders = {name: load_decoder(sae_specs[name]) for name in order}
     emb = decoder_umap(
         decoders,
         n_neighbors=int(params["n_neighbors"]),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from saeflow import verify
 from saeflow.errors import ConfigError, DataError
 from saeflow.sae.models import SAE, BaseSAE
 from saeflow.sae.temporal import TemporalSAE
@@ -451,6 +452,7 @@ def load_sae(spec: dict[str, Any], *, device: str | torch.device | None = None) 
     if not spec.get("path") and not spec.get("repo"):
         raise ConfigError("SAE spec needs path (local) or repo (+ path) (hub)")
     sae = LOADERS[fmt](spec)
+    verify.finite_weights(f"saes.{spec.get('name', '?')} ({_describe(spec)})", sae.state_dict())
     sae.eval()
     sae.requires_grad_(False)
     if device is not None:
