@@ -144,26 +144,9 @@ def figure_json(fig: Any) -> dict[str, Any]:
 
 
 def _asset(name: str) -> str:
-    return resources.files("saeflow.report").joinpath(name).read_text(encoding="utf-8")
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 1.5em;
-       color: #222; }
-header { border-bottom: 1px solid #ddd; padding: 0.6em 0; }
-header a { font-size: 0.9em; }
-h1 { font-size: 1.35em; margin: 0.3em 0; }
-.subtitle { color: #555; margin: 0.2em 0; }
-.controls { margin: 0.6em 0; display: flex; gap: 1.2em; flex-wrap: wrap; align-items: center; }
-.controls label { font-size: 0.9em; }
-.plot { width: 100%; height: 78vh; min-height: 420px; }
-table.data { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-table.data th, table.data td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-table.data th:first-child, table.data td:first-child { text-align: left; }
-pre.config { background: #f6f8fa; padding: 0.8em; overflow: auto; font-size: 0.85em; }
-.note { color: #555; font-size: 0.9em; }
-#plotly-missing { color: #b00; font-weight: bold; }
-"""
+    """Text of a page asset (`report/assets/*.js|css`); pages inline them, so each page is one
+    file plus its shards and the shared plotly.min.js."""
+    return resources.files("saeflow.report").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def render_page(
@@ -176,32 +159,48 @@ def render_page(
     script: str | None = None,
     after_plot_html: str = "",
     index_href: str | None = "index.html",
+    assets: Iterable[str] = (),
+    eager: Iterable[str] = (),
+    plot_class: str = "plot",
 ) -> str:
     """Whole HTML document: header, optional controls/body, the graph and the page script.
 
     `title`/`subtitle` are plain text (escaped here); `body_html` and `after_plot_html` must
-    already be safe HTML. `extra` is handed to `script` as the global `EXTRA`.
+    already be safe HTML. `extra` is handed to the page scripts as the global `EXTRA`; `assets`
+    names the page's own .js files in report/assets (run after common.js); `script` is extra
+    inline JavaScript (default: draw FIG). `eager` lists the shards the page loads at start, so
+    `first_load_bytes` counts them.
     """
+    assets = list(assets)
+    eager = list(eager)
     head_script = f'<script charset="utf-8" src="{PLOTLY_JS}"></script>\n' if figure else ""
     back = f'<a href="{esc(index_href)}">&larr; all reports</a>\n' if index_href else ""
     sub = f'<p class="subtitle">{esc(subtitle)}</p>\n' if subtitle else ""
+    eager_meta = f'<meta name="saeflow-eager" content="{esc(" ".join(eager))}">\n' if eager else ""
     parts = [
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
         '<meta name="referrer" content="no-referrer">\n',
-        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n{head_script}</head>\n<body>\n",
+        eager_meta,
+        f"<title>{esc(title)}</title>\n<style>{_asset('page.css')}</style>\n{head_script}",
+        "</head>\n<body>\n",
         f"<header>\n{back}<h1>{esc(title)}</h1>\n{sub}</header>\n",
+        '<p id="saeflow-status" role="status"></p>\n',
         body_html,
     ]
     if figure is not None:
-        parts.append(f'\n<div id="{PLOT_ID}" class="plot"></div>\n')
+        parts.append(f'\n<div id="{PLOT_ID}" class="{esc(plot_class)}"></div>\n')
         parts.append(after_plot_html)
         parts.append(
             f"<script>\nvar FIG = {safe_json(figure_json(figure))};\n"
             f"var EXTRA = {safe_json(extra or {})};\n</script>\n"
         )
-        page_js = script if script is not None else "saeflowPlot(FIG);"
-        parts.append(f"<script>\n{_asset('common.js')}\n{page_js}\n</script>\n")
+        code = [_asset("common.js")] + [_asset(a) for a in assets]
+        if script is not None:
+            code.append(script)
+        elif not assets:
+            code.append("saeflowPlot(FIG);")
+        parts.append("<script>\n" + "\n".join(code) + "\n</script>\n")
     else:
         parts.append(after_plot_html)
     parts.append("</body>\n</html>\n")
