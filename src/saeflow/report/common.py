@@ -8,6 +8,7 @@ escaped for Plotly's own pseudo-HTML (which decodes `&lt;`, `&gt;`, `&amp;` and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -16,7 +17,7 @@ import os
 import re
 import shutil
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,94 @@ def html_table(header: list[str], rows: list[list[Any]], *, css_class: str = "da
         f'<table class="{css_class}">\n<thead><tr>{head}</tr></thead>\n'
         f"<tbody>\n{body}</tbody>\n</table>\n"
     )
+
+
+class Page:
+    """A report page: a title, Plotly figures, tables, notes and lazily loaded shards.
+
+    The public way to make a page (new analyses use it too)::
+
+        page = Page("Title", subtitle="what it shows")
+        page.heading("Loss")
+        page.figure(fig)                       # a plotly Figure or {"data", "layout"}
+        page.table(["feature", "value"], rows)  # cells are plain text, escaped here
+        page.note("plain text")
+        with page.data(out_path) as data:      # optional: detail in shards beside the page
+            page.extra["detail"] = data.items("detail", records, per=256)
+            page.write(out_path, assets=["mypage.js"])
+
+    Without `assets` the page just draws its figures. A page script (a .js file in
+    report/assets) finds its data in `EXTRA`, the figures in `FIGS` (`{id, data, layout,
+    config}`), and loads shard items with `saeflowItem(EXTRA.data, EXTRA.detail, i)`.
+    """
+
+    def __init__(
+        self, title: str, *, subtitle: str = "", index_href: str | None = "index.html"
+    ) -> None:
+        self.title = title
+        self.subtitle = subtitle
+        self.index_href = index_href
+        self.parts: list[str] = []
+        self.figures: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+        self._data: Any = None
+
+    def html(self, safe_html: str) -> Page:
+        """Append HTML that is already safe (escape dataset text with `esc` first)."""
+        self.parts.append(safe_html)
+        return self
+
+    def heading(self, text: str, level: int = 2) -> Page:
+        return self.html(f"<h{level}>{esc(text)}</h{level}>\n")
+
+    def note(self, text: str) -> Page:
+        return self.html(f'<p class="note">{esc(text)}</p>\n')
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> Page:
+        return self.html(html_table(header, rows))
+
+    def figure(self, fig: Any, *, css_class: str = "plot-medium", div_id: str | None = None) -> str:
+        """Append a figure; returns its div id (`plot`, `plot-1`, ... unless given)."""
+        div_id = div_id or (PLOT_ID if not self.figures else f"{PLOT_ID}-{len(self.figures)}")
+        self.figures.append({"id": div_id, **figure_json(fig)})
+        self.parts.append(f'<div id="{esc(div_id)}" class="{esc(css_class)}"></div>\n')
+        return div_id
+
+    @contextlib.contextmanager
+    def data(self, out_path: str | os.PathLike) -> Iterator[Any]:
+        """The page's shard folder (see saeflow.report.shards.PageData); write inside."""
+        from saeflow.report.shards import page_data
+
+        with page_data(out_path) as data:
+            self._data = data
+            self.extra["data"] = data.meta
+            yield data
+
+    def render(self, *, assets: Iterable[str] = ()) -> str:
+        assets = list(assets)
+        eager = self._data.eager if self._data is not None else []
+        if not self.figures:
+            return render_page(
+                self.title,
+                subtitle=self.subtitle,
+                body_html="".join(self.parts),
+                index_href=self.index_href,
+            )
+        script = None if assets else "saeflowPlotAll(FIGS);"
+        figs = f"<script>\nvar FIGS = {safe_json(self.figures)};\n</script>\n"
+        return render_page(
+            self.title,
+            subtitle=self.subtitle,
+            body_html="".join(self.parts) + figs,
+            figure=self.figures[0],
+            extra=self.extra,
+            script=script,
+            index_href=self.index_href,
+            assets=assets,
+            eager=eager,
+            plot_class="",
+        ).replace(f'\n<div id="{PLOT_ID}" class=""></div>\n', "\n", 1)
+
+    def write(self, path: str | os.PathLike, *, assets: Iterable[str] = ()) -> Path:
+        """Write the page atomically, plotly.min.js beside it."""
+        return write_page(path, self.render(assets=assets), ship_plotlyjs=bool(self.figures))

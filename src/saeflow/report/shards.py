@@ -25,6 +25,9 @@ import numpy as np
 from saeflow.io import atomic_dir
 
 DATA_SUFFIX = ".data"
+# Bytes of packed columns a page may inline; the rest loads after the first draw.
+INLINE_BUDGET = 1_200_000
+_ITEM_BYTES = {"u8": 1, "u16": 2, "u32": 4, "f32": 4, "q16": 2}
 PLOTLY_JS = "plotly.min.js"
 _SRC = re.compile(r"""<(?:script|link)\b[^>]*?\b(?:src|href)="([^"]+)"[^>]*>""", re.IGNORECASE)
 _EAGER = re.compile(r'<meta name="saeflow-eager" content="([^"]*)">')
@@ -134,6 +137,28 @@ class PageData:
         for k, bucket in enumerate(buckets):
             self.shard(set_name, k, {"keys": bucket})
         return {"set": set_name, "count": n_shards}
+
+    def columns(
+        self,
+        set_name: str,
+        cols: dict[str, tuple[Any, str]],
+        *,
+        budget: int = INLINE_BUDGET,
+        per: int = 50_000,
+    ) -> dict[str, Any]:
+        """Packed columns of equal length: as many leading rows as fit `budget` bytes go in the
+        page (`head`), the rest in shards of `per` rows that the page loads after it has drawn
+        (`saeflowColumns` in common.js). The first load stays under the budget at any size."""
+        n = len(next(iter(cols.values()))[0]) if cols else 0
+        row_bytes = sum(_ITEM_BYTES[dtype] for _, dtype in cols.values()) * 4 / 3
+        head_n = min(n, int(budget // max(row_bytes, 1.0)))
+        head = {k: pack(np.asarray(v)[:head_n], dt) for k, (v, dt) in cols.items()}
+        count = 0
+        for start in range(head_n, n, per):
+            part = {k: pack(np.asarray(v)[start : start + per], dt) for k, (v, dt) in cols.items()}
+            self.shard(set_name, count, {"cols": part})
+            count += 1
+        return {"n": n, "head_n": head_n, "head": head, "tail": {"set": set_name, "count": count}}
 
 
 @contextlib.contextmanager

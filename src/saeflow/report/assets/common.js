@@ -20,6 +20,17 @@ function saeflowPlot(fig, id) {
   });
 }
 
+/* Draw every figure of a Page (FIGS: {id, data, layout, config}) into its own div. */
+function saeflowPlotAll(figs) {
+  if (typeof Plotly === "undefined") { return saeflowPlot({}, figs[0].id); }
+  return Promise.all(figs.map(function (f) {
+    return Plotly.newPlot(f.id, f.data, f.layout, f.config);
+  })).then(function (gds) {
+    window.SAEFLOW_READY = true;
+    return gds;
+  });
+}
+
 /* Words of a filter string: lower-cased, split on white space. */
 function saeflowWords(text) {
   return String(text || "").toLowerCase().split(/\s+/).filter(function (w) { return w.length; });
@@ -125,6 +136,27 @@ function saeflowLoadAll(meta, spec) {
 function saeflowItem(meta, spec, i) {
   var k = saeflowShardOf(i, spec.per);
   return saeflowLoadShard(meta, spec.set, k).then(function (d) { return d.items[i - k * spec.per]; });
+}
+
+/* Packed columns from PageData.columns: {head, rest}. head holds the rows inlined in the page
+   (plain arrays by name); rest is null, or a Promise of every row once the tail shards loaded. */
+function saeflowColumns(meta, spec) {
+  var head = {}, names = Object.keys(spec.head);
+  names.forEach(function (k) { head[k] = saeflowUnpack(spec.head[k]); });
+  if (!spec.tail.count) { return {head: head, rest: null}; }
+  var rest = saeflowLoadAll(meta, spec.tail).then(function (parts) {
+    var full = {};
+    names.forEach(function (k) {
+      var out = head[k].slice();
+      parts.forEach(function (p) {
+        var more = saeflowUnpack(p.cols[k]);
+        for (var i = 0; i < more.length; i++) { out.push(more[i]); }
+      });
+      full[k] = out;
+    });
+    return full;
+  });
+  return {head: head, rest: rest};
 }
 
 /* FNV-1a (32 bit) of the UTF-8 bytes of a string: the token search index is split by it. */
