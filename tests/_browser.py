@@ -44,30 +44,31 @@ CHROME_FLAGS = (
 CI_INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
 
 
+def umap_tokens(n_seq: int = 4, length: int = 5) -> dict[int, list[str]]:
+    """Decoded tokens per sequence: sequence 1 holds the hostile text, sequence 2 "needle"."""
+    tokens = {}
+    for s in range(n_seq):
+        words = [f" w{s}_{p}" for p in range(length)]
+        if s == 1:
+            words[2] = " " + XSS
+        if s == 2:
+            words[1] = " needle"
+        tokens[s] = words
+    return tokens
+
+
 def umap_frame(n_seq: int = 4, length: int = 5, dims: int = 2) -> pd.DataFrame:
-    """Embedding rows as the umap stage writes them; sequence 1 holds the hostile text."""
+    """Embedding rows as the umap stage writes them (hover strings are not used by the page)."""
     rng = np.random.default_rng(0)
     rows = []
     for s in range(n_seq):
-        words = [f"w{s}_{p}" for p in range(length)]
-        if s == 1:
-            words[2] = XSS
-        if s == 2:
-            words[1] = "needle"
-        text = " ".join(words)
         for p in range(length):
-            shown = " ".join(
-                f"<b>{html.escape(w)}</b>" if i == p else html.escape(w)
-                for i, w in enumerate(words[: p + 1])
-            )
             row = {
                 "seq_id": s,
                 "pos": p,
                 "x": float(rng.normal()),
                 "y": float(rng.normal()),
                 "role": int([0, 1, 2][p % 3]),
-                "hover": shown,
-                "text": html.escape(text),
             }
             if dims == 3:
                 row["z"] = float(rng.normal())
@@ -79,10 +80,19 @@ def umap_frame(n_seq: int = 4, length: int = 5, dims: int = 2) -> pd.DataFrame:
     return df
 
 
+def write_tokens(path: Path, tokens: dict[int, list[str]]) -> Path:
+    """A tokens parquet (seq_id, tokens) as the tokenize stage writes it."""
+    pd.DataFrame(
+        {"seq_id": pd.Series(list(tokens), dtype="int32"), "tokens": list(tokens.values())}
+    ).to_parquet(path)
+    return path
+
+
 def diffing_frame(n_features: int = 6, models: tuple[str, str] = ("base", "chat")) -> pd.DataFrame:
-    """features.parquet rows for two token types; feature 3 is inconsistent and hostile."""
+    """features.parquet rows for two token types; feature 3 is exclusive for the first model,
+    inconsistent (active on the second model's control prompts) and hostile."""
     rng = np.random.default_rng(1)
-    exclusive = [models[0], models[1], "both", "none"]
+    exclusive = ["none", models[1], "both", models[0]]
     rows = []
     for tt in ("model", "newline"):
         for f in range(n_features):
@@ -120,7 +130,12 @@ UMAP_ANALYSIS = {
     "dataset": "alpaca",
     "sae": "temporal12",
     "codes": "pred",
+    "hover_window": 3,
     "report": {"lines": "all"},
+}
+MODELS_INFO = {
+    "base": {"name": "org/tiny-base", "layer": 2},
+    "chat": {"name": "org/tiny-chat", "layer": 2},
 }
 SIM_ANALYSIS = {
     "type": "similarity",
@@ -197,6 +212,7 @@ def build_all_reports(root: Path) -> dict[str, Path]:
     reports = root / "reports"
     emb = inputs / "embedding.parquet"
     umap_frame().to_parquet(emb)
+    umap_tok = write_tokens(inputs / "umap_tokens.parquet", umap_tokens())
     feats = inputs / "features.parquet"
     diffing_frame().to_parquet(feats)
     summary = inputs / "summary.json"
@@ -205,9 +221,16 @@ def build_all_reports(root: Path) -> dict[str, Path]:
     metrics = write_metrics_inputs(inputs)
 
     pages = {
-        "umap": write_umap_page(emb, None, reports / "umap-pred_alpaca.html", UMAP_ANALYSIS),
+        "umap": write_umap_page(
+            emb, None, reports / "umap-pred_alpaca.html", UMAP_ANALYSIS, tokens_path=umap_tok
+        ),
         "diffing": write_diffing_page(
-            feats, summary, reports / "diffing-intro.html", DIFF_ANALYSIS, NEURONPEDIA_ID
+            feats,
+            summary,
+            reports / "diffing-intro.html",
+            DIFF_ANALYSIS,
+            NEURONPEDIA_ID,
+            models_info=MODELS_INFO,
         ),
         "similarity": write_similarity_page(
             manifest, tokens, reports / "similarity-sim.html", SIM_ANALYSIS
