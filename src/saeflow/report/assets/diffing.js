@@ -84,7 +84,7 @@ function diffingPage() {
   var D = EXTRA, meta = D.data, details = {}, cols;
   var packed = saeflowColumns(meta, D.points);
   cols = packed.head;
-  var metric = 0, groups = diffGroups(cols), gd = null;
+  var metric = 0, groups = diffGroups(cols), gd = null, BASE = JSON.stringify(FIG.layout);
 
   function ctx() {
     return {models: D.models, token_types: D.token_types, totals: D.totals,
@@ -119,7 +119,7 @@ function diffingPage() {
   }
   function layout() {
     var rng = diffRange(cols["x" + metric], cols["y" + metric]), name = D.metric_names[metric];
-    var L = FIG.layout;
+    var L = JSON.parse(BASE);  /* a fresh object, so Plotly.react sees the new ranges */
     L.title = {text: saeflowEsc(D.plot_title + ": " + name) + "<br><sub>" +
       saeflowEsc(D.plot_subtitle) + "</sub>", x: 0.5, xanchor: "center"};
     L.xaxis.range = rng; L.yaxis.range = rng.slice();
@@ -132,7 +132,12 @@ function diffingPage() {
   function draw() {
     FIG.data = traces();
     FIG.layout = layout();
-    return gd ? Plotly.react(gd, FIG.data, FIG.layout, FIG.config) : saeflowPlot(FIG);
+    if (!gd) { return saeflowPlot(FIG); }
+    var rng = FIG.layout.xaxis.range.slice();
+    /* react alone keeps the old x range of the scale-anchored pair: set both ranges again */
+    return Plotly.react(gd, FIG.data, FIG.layout, FIG.config).then(function () {
+      return Plotly.relayout(gd, {"xaxis.range": rng, "yaxis.range": rng.slice()});
+    });
   }
   function status(text) { document.getElementById("saeflow-status").textContent = text; }
 
