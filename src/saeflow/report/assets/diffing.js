@@ -14,27 +14,26 @@ function diffTraceName(cat, models) {
   return name;
 }
 
-/* Hover HTML of one plotted feature; `detail` is its feat-shard record or undefined. Every
-   dataset string in it was escaped in Python (explanations) or here (names). */
-function diffHover(p, detail, ctx) {
-  var m = ctx.models, c = p.cat & 3, e = saeflowEsc;
-  var lines = ["<b>Feature " + p.fid + "</b> \u00b7 " + e(ctx.token_types[p.tt]),
-    e(m[0]) + " " + e(ctx.metric) + ": " + saeflowFmt(p.x),
-    e(m[1]) + " " + e(ctx.metric) + ": " + saeflowFmt(p.y),
-    "Difference: " + (p.x === null || p.y === null ? "\u2014" : saeflowFmt(p.y - p.x)), ""];
+/* The class line of a feature's hover: exclusivity and the inconsistency note. */
+function diffClassLine(cat, models) {
+  var c = cat & 3, e = saeflowEsc;
   var excl = ["Target-exclusive feature for both models",
-    "Target-exclusive feature for " + e(m[0]), "Target-exclusive feature for " + e(m[1]),
+    "Target-exclusive feature for " + e(models[0]), "Target-exclusive feature for " + e(models[1]),
     "Not target-exclusive"][c];
   var note = "";
-  if (p.cat >= 4) {
-    note = "<br>This feature is also active on " + e(c === 1 ? m[1] : m[0]) + "'s control prompts";
+  if (cat >= 4) {
+    note = "<br>This feature is also active on " + e(c === 1 ? models[1] : models[0]) +
+      "'s control prompts";
   }
-  lines.push("<b>" + excl + note + "</b>");
-  if (detail === undefined) {
-    lines.push("<i>loading counts and explanation\u2026</i>");
-    return lines.join("<br>");
-  }
-  var counts = detail.c[ctx.token_types[p.tt]], tot = ctx.totals[ctx.token_types[p.tt]] || [];
+  return "<b>" + excl + note + "</b>";
+}
+
+/* Hover lines after the class line: counts per model and set, then the explanation; `detail`
+   is the feature's feat-shard record or undefined while it loads. */
+function diffDetail(tt, detail, ctx) {
+  if (detail === undefined) { return "<br><i>loading counts and explanation\u2026</i>"; }
+  var m = ctx.models, e = saeflowEsc, lines = [];
+  var counts = detail.c[ctx.token_types[tt]], tot = ctx.totals[ctx.token_types[tt]] || [];
   if (counts) {
     var k = 0;
     m.forEach(function (model) {
@@ -46,8 +45,30 @@ function diffHover(p, detail, ctx) {
     });
   }
   lines.push("", "<b>Description:</b>", detail.e === null ? "No explanation available" : detail.e);
-  return lines.join("<br>");
+  return "<br>" + lines.join("<br>");
 }
+
+/* Plotly hovertemplate of one trace (token type tt, class cat): the per-point difference is
+   %{text}, the per-point detail %{hovertext}. */
+function diffTemplate(tt, cat, ctx) {
+  var e = saeflowEsc, m = ctx.models;
+  return "<b>Feature %{customdata}</b> \u00b7 " + e(ctx.token_types[tt]) + "<br>" +
+    e(m[0]) + " " + e(ctx.metric) + ": %{x:.4f}<br>" + e(m[1]) + " " + e(ctx.metric) +
+    ": %{y:.4f}<br>Difference: %{text}<br><br>" + diffClassLine(cat, m) +
+    "%{hovertext}<extra></extra>";
+}
+
+/* The same hover as one HTML string (for the detail panel). Every dataset string in it was
+   escaped in Python (explanations) or here (names). */
+function diffHover(p, detail, ctx) {
+  var e = saeflowEsc, m = ctx.models;
+  return "<b>Feature " + p.fid + "</b> \u00b7 " + e(ctx.token_types[p.tt]) + "<br>" +
+    e(m[0]) + " " + e(ctx.metric) + ": " + saeflowFmt(p.x) + "<br>" +
+    e(m[1]) + " " + e(ctx.metric) + ": " + saeflowFmt(p.y) + "<br>Difference: " +
+    diffValue(p.x, p.y) + "<br><br>" + diffClassLine(p.cat, m) + diffDetail(p.tt, detail, ctx);
+}
+
+function diffValue(x, y) { return x === null || y === null ? "\u2014" : saeflowFmt(y - x); }
 
 /* Equal axis range of both axes: the data extent plus 5% on each side. */
 function diffRange(xs, ys) {
@@ -94,6 +115,13 @@ function diffingPage() {
     return {fid: cols.fid[i], tt: cols.tt[i], cat: cols.cat[i], x: cols["x" + metric][i],
       y: cols["y" + metric][i]};
   }
+  function detailTexts(g) {
+    var loading = diffDetail(g.tt, undefined, null), c = ctx();
+    return g.idx.map(function (i) {
+      var d = details[cols.fid[i]];
+      return d === undefined ? loading : diffDetail(g.tt, d, c);
+    });
+  }
   function traces() {
     var c = ctx();
     return groups.map(function (g) {
@@ -107,9 +135,10 @@ function diffingPage() {
         y: g.idx.map(function (i) { return cols["y" + metric][i]; }),
         customdata: g.idx.map(function (i) { return cols.fid[i]; }),
         text: g.idx.map(function (i) {
-          return diffHover(point(i), details[cols.fid[i]], c);
+          return diffValue(cols["x" + metric][i], cols["y" + metric][i]);
         }),
-        hovertemplate: "%{text}<extra></extra>",
+        hovertext: detailTexts(g),
+        hovertemplate: diffTemplate(g.tt, g.cat, c),
         marker: {symbol: DIFF_SYMBOLS[base], size: base === 3 ? 3 : (base === 0 ? 9 : 6),
           color: color, opacity: 0.7,
           line: {width: inc ? 1.5 : 0.3, color: inc ? D.inconsistent_color : "black"}},
@@ -175,10 +204,7 @@ function diffingPage() {
         d.items.forEach(function (rec, j) { details[k * D.feat.per + j] = rec; });
         var i = find();
         if (i !== undefined) { box.innerHTML = diffHover(point(i), details[fid], ctx()); }
-        var texts = groups.map(function (g) {
-          return g.idx.map(function (ix) { return diffHover(point(ix), details[cols.fid[ix]], ctx()); });
-        });
-        return Plotly.restyle(gd, {text: texts});
+        return Plotly.restyle(gd, {hovertext: groups.map(detailTexts)});
       }).then(function () { window.SAEFLOW_HOVERED = (window.SAEFLOW_HOVERED || 0) + 1; })
         .catch(saeflowFail);
     });
