@@ -4,15 +4,6 @@ A page's on-demand detail sits in `{page}.data/` beside it (script-tag shards th
 file://). The cheap report rules run on the submit host under SLURM (localrules)."""
 
 
-def diffing_models_info(wildcards):
-    """Hub name (or config name) and layer of the two compared models, for the page title."""
-    info = {}
-    for m in ANALYSES[wildcards.analysis]["models"]:
-        spec = config["models"][m]
-        info[m] = {"name": spec.get("hf_name") or m, "layer": spec["layer"]}
-    return info
-
-
 localrules:
     report_umap,
     report_diffing,
