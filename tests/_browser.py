@@ -6,7 +6,6 @@ text reaches a page, so each page test doubles as an escaping test.
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
 from pathlib import Path

@@ -36,8 +36,8 @@ from saeflow.report.common import write_page
 from saeflow.report.diffing_page import build_diffing_page, neuronpedia_base
 from saeflow.report.index import build_index, write_index
 from saeflow.report.metrics_page import build_metrics_page, run_label
-from saeflow.report.similarity_page import axis_labels, build_similarity_page, read_matrix
 from saeflow.report.shards import data_dir, first_load_bytes, unpack
+from saeflow.report.similarity_page import axis_labels, build_similarity_page, read_matrix
 from saeflow.report.umap_page import build_umap_page, umap_title
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

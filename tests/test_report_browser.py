@@ -265,7 +265,8 @@ def _trace_of_feature(driver, fid: int, group: str = "tt1") -> list[int]:
         "var gd = document.getElementById('plot');"
         "for (var t = 0; t < gd.data.length; t++) { var cd = gd.data[t].customdata || [];"
         "  if (gd.data[t].legendgroup !== arguments[1]) { continue; }"
-        "  for (var i = 0; i < cd.length; i++) { if (cd[i] === arguments[0]) { return [t, i]; } } }",
+        "  for (var i = 0; i < cd.length; i++) {"
+        "    if (cd[i] === arguments[0]) { return [t, i]; } } }",
         fid,
         group,
     )

@@ -278,9 +278,11 @@ class Page:
             page.extra["detail"] = data.items("detail", records, per=256)
             page.write(out_path, assets=["mypage.js"])
 
-    Without `assets` the page just draws its figures. A page script (a .js file in
-    report/assets) finds its data in `EXTRA`, the figures in `FIGS` (`{id, data, layout,
-    config}`), and loads shard items with `saeflowItem(EXTRA.data, EXTRA.detail, i)`.
+    Without `assets` the page just draws its figures. With them, the page script (a .js file in
+    report/assets, run after common.js) draws them itself (`saeflowPlotAll(FIGS)`; FIGS holds
+    `{id, data, layout, config}`), finds its data in `EXTRA`, and loads a shard item with
+    `saeflowItem(EXTRA.data, EXTRA.detail, i)` (a Promise). A rule writing shards declares
+    `directory("{page stem}.data")` as an output.
     """
 
     def __init__(
