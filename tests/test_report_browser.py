@@ -384,6 +384,41 @@ def test_mfa_page_any_axis_pair(driver, pages):
     assert_safe(driver)
 
 
+def test_dashboard_at_131k_features_loads_shards_on_demand(driver, tmp_path_factory):
+    """The seed-size dashboard opens from file:// loading one feature shard; search and id
+    lookups load only the shards they need."""
+    from test_report_scale import big_dashboard_frames
+
+    from saeflow.report import write_dashboard_page
+
+    index, examples = big_dashboard_frames()
+    page = write_dashboard_page(
+        tmp_path_factory.mktemp("big") / "geometry-big.html",
+        index,
+        examples,
+        analysis={"name": "big"},
+    )
+    open_page(driver, page)
+    wait_for(driver, "window.SAEFLOW_SHOWN !== undefined")
+    shards = "return document.querySelectorAll('script[src*=\"geometry-big.data/\"]').length"
+    assert driver.execute_script(shards) == 1
+    driver.find_element("id", "geo-token").send_keys("t19999")
+    wait_for(driver, "window.SAEFLOW_SEARCHED >= 1")
+    hits = [b.text for b in driver.find_elements("css selector", "#geo-results button")]
+    want = sorted(
+        int(f)
+        for f, t in zip(index["feature_id"], index["top_tokens"], strict=True)
+        if " t19999" in t
+    )
+    assert sorted(int(h.split()[0][1:]) for h in hits) == want
+    driver.find_element("id", "geo-id").send_keys("131071")
+    wait_for(driver, "document.querySelectorAll('#geo-results button').length === 1")
+    driver.find_element("css selector", "#geo-results button").click()
+    wait_for(driver, "window.SAEFLOW_SHOWN === 131071")
+    assert driver.execute_script(shards) == 4  # first feature, one token shard, the last feature
+    assert severe(driver.get_log("browser")) == []
+
+
 def test_similarity_page(driver, pages):
     open_page(driver, pages["similarity"])
     shape = driver.execute_script(

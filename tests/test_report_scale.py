@@ -93,32 +93,40 @@ def test_umap_page_first_load_at_30k_points_and_500_token_window(tmp_path):
     assert first_load_bytes(page) < LIMIT
 
 
-def test_dashboard_and_decoder_umap_first_load_at_131k_features(tmp_path):
+def big_dashboard_frames(n: int = F) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Feature index and two examples per feature for an SAE of n features."""
     rng = np.random.default_rng(2)
-    n_active = rng.integers(0, 500, F)
+    n_active = rng.integers(0, 500, n)
     toks = [f" t{i}" for i in range(20000)]
     index = pd.DataFrame(
         {
-            "feature_id": np.arange(F, dtype=np.int32),
+            "feature_id": np.arange(n, dtype=np.int32),
             "n_active": n_active,
             "density": n_active / 2e5,
-            "max_act": rng.random(F),
-            "mean_act": rng.random(F),
-            "hist_lo": np.zeros(F),
-            "hist_hi": np.ones(F),
-            "hist_counts": [[1, 2, 3, 4]] * F,
-            "top_tokens": [[toks[(7 * i + j) % 20000] for j in range(4)] for i in range(F)],
-            "top_token_counts": [[4, 3, 2, 1]] * F,
+            "max_act": rng.random(n),
+            "mean_act": rng.random(n),
+            "hist_lo": np.zeros(n),
+            "hist_hi": np.ones(n),
+            "hist_counts": [[1, 2, 3, 4]] * n,
+            "top_tokens": [[toks[(7 * i + j) % 20000] for j in range(4)] for i in range(n)],
+            "top_token_counts": [[4, 3, 2, 1]] * n,
         }
     )
     examples = pd.DataFrame(
         {
-            "feature_id": np.repeat(np.arange(F, dtype=np.int32), 2),
-            "rank": np.tile([0, 1], F),
-            "activation": rng.random(2 * F),
+            "feature_id": np.repeat(np.arange(n, dtype=np.int32), 2),
+            "rank": np.tile([0, 1], n),
+            "activation": rng.random(2 * n),
             "context_html": "a b <b>c</b> d",
         }
     )
+    return index, examples
+
+
+def test_dashboard_and_decoder_umap_first_load_at_131k_features(tmp_path):
+    rng = np.random.default_rng(2)
+    toks = [f" t{i}" for i in range(20000)]
+    index, examples = big_dashboard_frames()
     dash = write_dashboard_page(
         tmp_path / "reports" / "geometry-dash.html", index, examples, analysis={"name": "d"}
     )

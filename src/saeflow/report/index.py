@@ -120,7 +120,12 @@ def write_site(
             _link_or_copy(Path(page), tmp / Path(page).name)
             shards = data_dir(page)
             if shards.is_dir():
-                shutil.copytree(shards, tmp / shards.name, copy_function=_link_or_copy)
+                shutil.copytree(
+                    shards,
+                    tmp / shards.name,
+                    copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns(".*"),
+                )
         site_pages = [tmp / n for n in names]
         (tmp / "index.html").write_text(build_index(site_pages, config, tmp), encoding="utf-8")
         shutil.copyfile(plotlyjs_source(), tmp / PLOTLY_JS)
