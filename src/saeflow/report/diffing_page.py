@@ -29,7 +29,8 @@ from saeflow.report.shards import page_data
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 WEBGL_POINTS = 2000
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+# Seed 001 colours the token types "model" and "newline" #FF6B6B and #4ECDC4.
+PALETTE = ["#FF6B6B", "#4ECDC4", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#bcbd22"]
 INCONSISTENT = "#d62728"
 COUNT_SUFFIXES = ("target_num_active", "control_num_active")
 
