@@ -5,6 +5,8 @@ loads at start."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -47,11 +49,16 @@ def _diffing_features(rng: np.random.Generator) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+@pytest.fixture(scope="module")
+def diffing_features(tmp_path_factory):
+    feats = tmp_path_factory.mktemp("diffing") / "features.parquet"
+    _diffing_features(np.random.default_rng(0)).to_parquet(feats)
+    return feats
+
+
 @pytest.mark.parametrize("plot", ["exclusive", "all"])
-def test_diffing_page_first_load_at_131k_features(tmp_path, plot):
-    rng = np.random.default_rng(0)
-    feats = tmp_path / "features.parquet"
-    _diffing_features(rng).to_parquet(feats)
+def test_diffing_page_first_load_at_131k_features(tmp_path, diffing_features, plot):
+    feats = diffing_features
     page = write_diffing_page(
         feats,
         None,
@@ -93,6 +100,7 @@ def test_umap_page_first_load_at_30k_points_and_500_token_window(tmp_path):
     assert first_load_bytes(page) < LIMIT
 
 
+@functools.cache
 def big_dashboard_frames(n: int = F) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Feature index and two examples per feature for an SAE of n features."""
     rng = np.random.default_rng(2)
