@@ -30,7 +30,7 @@ from _browser import (
     umap_tokens,
 )
 
-from saeflow.report import build_diffing_page, build_umap_page, write_page
+from saeflow.report import build_diffing_page, build_umap_page, umap_page, write_page
 
 pytestmark = pytest.mark.browser
 
@@ -70,9 +70,12 @@ def pages(tmp_path_factory) -> dict[str, Path]:
         ),
     )
     u3 = reports / "umap-3d.html"
-    built["umap3d"] = write_page(
-        u3, build_umap_page(umap_frame(dims=3), UMAP_ANALYSIS, umap_tokens(), u3)
-    )
+    saved, umap_page.PREFETCH_BYTES = umap_page.PREFETCH_BYTES, 0  # tokens load per hover
+    try:
+        page = build_umap_page(umap_frame(dims=3), UMAP_ANALYSIS, umap_tokens(), u3)
+    finally:
+        umap_page.PREFETCH_BYTES = saved
+    built["umap3d"] = write_page(u3, page)
     built.update(build_geometry_pages(reports))
     cdn = reports / "cdn-control.html"
     cdn.write_text(
@@ -202,13 +205,14 @@ def test_umap_page(driver, pages):
 
     # Hovering a point loads its sequence's tokens from a shard (file://, script tag) and shows
     # the context window and the UMAP coordinates.
+    # Small token shards are fetched after the first draw (file://, script tags); then the hover
+    # shows the context window and the UMAP coordinates at once.
+    wait_for(driver, "window.SAEFLOW_PREFETCHED === true")
     hostile = 1 * 5 + 3  # sequence 1, position 3: the hostile token is in its window
-    text = mouse_hover(driver, 0, 0)
-    assert text.startswith("Sequence: 0Position: 0") and "UMAP1: " in text
-    prime_hover(driver, 0, hostile, 1)
-    assert XSS in driver.find_element("id", "detail").text
     text = mouse_hover(driver, 0, hostile)
+    assert text.startswith("Sequence: 1Position: 3Story:") and "UMAP1: " in text
     assert XSS in text and "UMAP2: " in text
+    assert XSS in driver.find_element("id", "detail").text
     assert_safe(driver)
 
     def refresh(words: str, limit: str = "4", mode: str = "any") -> None:
@@ -257,6 +261,15 @@ def test_umap_3d_page(driver, pages):
     assert driver.execute_script(
         "return document.getElementById('plot').data[0].hovertemplate"
     ).endswith("UMAP3: %{z:.2f}<extra></extra>")
+    # Larger token sets load per hovered sequence.
+    loaded = "return document.querySelectorAll('script[src*=\"umap-3d.data/\"]').length"
+    assert driver.execute_script(loaded) == 0
+    prime_hover(driver, 0, 1 * 5 + 3, 1)
+    assert driver.execute_script(loaded) == 1
+    assert XSS in driver.find_element("id", "detail").text
+    text = driver.execute_script("return document.getElementById('plot').data[0].text[8]")
+    assert text.startswith("Sequence: 1<br>Position: 3<br>Story: ") and "&lt;img" in text
+    assert_safe(driver)
 
 
 def _trace_of_feature(driver, fid: int, group: str = "tt1") -> list[int]:

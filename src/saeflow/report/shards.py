@@ -87,6 +87,7 @@ class PageData:
         self.base = data_dir(page_path).name
         self._tmp = tmp
         self.eager: list[str] = []
+        self.bytes: dict[str, int] = {}
 
     @property
     def meta(self) -> dict[str, str]:
@@ -104,7 +105,9 @@ class PageData:
             f"saeflowShard({safe_json(self.page)}, {safe_json(set_name)}, {int(k)}, "
             f"{safe_json(data)});\n"
         )
-        (self._tmp / name).write_text(text, encoding="utf-8")
+        raw = text.encode("utf-8")
+        (self._tmp / name).write_bytes(raw)
+        self.bytes[set_name] = self.bytes.get(set_name, 0) + len(raw)
         rel = f"{self.base}/{name}"
         if eager:
             self.eager.append(rel)
@@ -127,7 +130,13 @@ class PageData:
         if chunk:
             self.shard(set_name, count, {"items": chunk})
             count += 1
-        return {"set": set_name, "per": int(per), "count": count, "n": n}
+        return {
+            "set": set_name,
+            "per": int(per),
+            "count": count,
+            "n": n,
+            "bytes": self.bytes.get(set_name, 0),
+        }
 
     def keyed(self, set_name: str, mapping: dict[str, Any], n_shards: int) -> dict[str, Any]:
         """Split a string-keyed dict by `fnv1a(key) % n_shards` (the page computes the same)."""

@@ -29,6 +29,9 @@ REQUIRED = ("seq_id", "pos", "x", "y", "role")
 ROLE_COLORS = {0: "#9e9e9e", 1: "#000000", 2: "#d62728"}
 WEBGL_POINTS = 5000
 SEQS_PER_SHARD = 32
+# Token shards smaller than this in all are fetched in the background after the first draw, so
+# hovers show the context at once; larger sets load per hovered sequence.
+PREFETCH_BYTES = 2_000_000
 # Chat markers (<start_of_turn>, <|im_start|>, <bos>) shown in italics, as in the umap stage.
 MARKER_RE = r"^<\|?[A-Za-z][A-Za-z0-9_]*\|?>$"
 HOVER_LINE_TOKENS = 15
@@ -156,6 +159,7 @@ def build_umap_page(
             "line_tokens": HOVER_LINE_TOKENS,
             "marker_re": MARKER_RE,
             "role_colors": [ROLE_COLORS[i] for i in range(3)],
+            "prefetch": tok_spec["bytes"] <= PREFETCH_BYTES,
         }
         layout: dict[str, Any] = {
             "template": "plotly_white",

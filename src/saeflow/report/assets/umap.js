@@ -197,6 +197,13 @@ function umapPage() {
       }).then(function () { window.SAEFLOW_HOVERED = (window.SAEFLOW_HOVERED || 0) + 1; })
         .catch(saeflowFail);
     });
+    if (D.prefetch) {
+      var all = [];
+      for (var k = 0; k < D.tok.count; k++) { all.push(loadShard(k)); }
+      Promise.all(all).then(function () {
+        return Plotly.restyle(gd, {text: [texts]}, [0]);
+      }).then(function () { window.SAEFLOW_PREFETCHED = true; }).catch(saeflowFail);
+    }
     window.saeflowRefresh = refresh;
     window.saeflowUmapLoad = function (s) { return loadShard(saeflowShardOf(s, D.tok.per)); };
   });
