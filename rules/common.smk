@@ -350,6 +350,15 @@ def neuronpedia_of(wildcards):
     )
 
 
+def diffing_models_info(wildcards):
+    """Hub name (or config name) and layer of the two compared models, for the page title."""
+    info = {}
+    for m in ANALYSES[wildcards.analysis]["models"]:
+        spec = config["models"][m]
+        info[m] = {"name": spec.get("hf_name") or m, "layer": spec["layer"]}
+    return info
+
+
 def similarity_tokens(wildcards):
     a = ANALYSES[wildcards.analysis]
     return tokens_path(a["model"], a["dataset"])

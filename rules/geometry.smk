@@ -1,7 +1,8 @@
 """Feature geometry: top-activating examples, cross-SAE matching, decoder UMAP and Mapper graphs.
 
-All four write `reports/geometry-{analysis}.html`, so each rule is constrained to the analysis
-names of its own type."""
+All four write `reports/geometry-{analysis}.html` (dashboards and decoder UMAPs also their
+on-demand shards in `reports/geometry-{analysis}.data/`), so each rule is constrained to the
+analysis names of its own type."""
 
 
 rule top_examples:
@@ -11,6 +12,7 @@ rule top_examples:
         examples=f"{GEO}/{{analysis}}/examples.parquet",
         index=f"{GEO}/{{analysis}}/feature_index.parquet",
         page=f"{R}/reports/geometry-{{analysis}}.html",
+        page_data=directory(f"{R}/reports/geometry-{{analysis}}.data"),
     log:
         "logs/top_examples/{analysis}.log",
     benchmark:
@@ -66,6 +68,7 @@ rule decoder_umap:
     output:
         embedding=f"{GEO}/{{analysis}}/embedding.parquet",
         page=f"{R}/reports/geometry-{{analysis}}.html",
+        page_data=directory(f"{R}/reports/geometry-{{analysis}}.data"),
     log:
         "logs/decoder_umap/{analysis}.log",
     benchmark:

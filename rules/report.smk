@@ -1,6 +1,7 @@
 """Offline interactive HTML reports (plotly.js shipped once beside the pages) and the index.
 
-The cheap report rules run on the submit host under SLURM (localrules)."""
+A page's on-demand detail sits in `{page}.data/` beside it (script-tag shards that work from
+file://). The cheap report rules run on the submit host under SLURM (localrules)."""
 
 
 localrules:
@@ -15,8 +16,10 @@ rule report_umap:
     input:
         embedding=f"{R}/umap/{{analysis}}/embedding.parquet",
         results=f"{R}/umap/{{analysis}}/results.json",
+        tokens=analysis_tokens,
     output:
-        f"{REP}/umap-{{analysis}}.html",
+        page=f"{REP}/umap-{{analysis}}.html",
+        data=directory(f"{REP}/umap-{{analysis}}.data"),
     log:
         "logs/report_umap/{analysis}.log",
     benchmark:
@@ -37,7 +40,8 @@ rule report_diffing:
         features=f"{R}/diffing/{{analysis}}/features.parquet",
         summary=f"{R}/diffing/{{analysis}}/summary.json",
     output:
-        f"{REP}/diffing-{{analysis}}.html",
+        page=f"{REP}/diffing-{{analysis}}.html",
+        data=directory(f"{REP}/diffing-{{analysis}}.data"),
     log:
         "logs/report_diffing/{analysis}.log",
     benchmark:
@@ -50,6 +54,7 @@ rule report_diffing:
     params:
         analysis=analysis_params,
         neuronpedia=neuronpedia_of,
+        models=diffing_models_info,
     script:
         "../scripts/report_diffing.py"
 

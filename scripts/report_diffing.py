@@ -1,4 +1,4 @@
-"""Snakemake entry point: the diffing report page of one diffing analysis."""
+"""Snakemake entry point: the diffing report page (and its shards) of one diffing analysis."""
 
 from saeflow.report.diffing_page import write_diffing_page
 from saeflow.utils import log_to
@@ -7,7 +7,8 @@ log_to(snakemake.log[0])
 write_diffing_page(
     snakemake.input.features,
     snakemake.input.summary,
-    snakemake.output[0],
+    snakemake.output.page,
     analysis=snakemake.params.analysis,
     neuronpedia=snakemake.params.neuronpedia,
+    models_info=snakemake.params.models,
 )

@@ -1,6 +1,6 @@
 """Snakemake entry point: the report page of one MFA analysis."""
 
-from saeflow.mfa.page import run_report_mfa
+from saeflow.report.mfa_page import run_report_mfa
 from saeflow.utils import log_to
 
 log_to(snakemake.log[0])

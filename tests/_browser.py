@@ -6,7 +6,6 @@ text reaches a page, so each page test doubles as an escaping test.
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
 from pathlib import Path
@@ -44,30 +43,31 @@ CHROME_FLAGS = (
 CI_INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
 
 
+def umap_tokens(n_seq: int = 4, length: int = 5) -> dict[int, list[str]]:
+    """Decoded tokens per sequence: sequence 1 holds the hostile text, sequence 2 "needle"."""
+    tokens = {}
+    for s in range(n_seq):
+        words = [f" w{s}_{p}" for p in range(length)]
+        if s == 1:
+            words[2] = " " + XSS
+        if s == 2:
+            words[1] = " needle"
+        tokens[s] = words
+    return tokens
+
+
 def umap_frame(n_seq: int = 4, length: int = 5, dims: int = 2) -> pd.DataFrame:
-    """Embedding rows as the umap stage writes them; sequence 1 holds the hostile text."""
+    """Embedding rows as the umap stage writes them (hover strings are not used by the page)."""
     rng = np.random.default_rng(0)
     rows = []
     for s in range(n_seq):
-        words = [f"w{s}_{p}" for p in range(length)]
-        if s == 1:
-            words[2] = XSS
-        if s == 2:
-            words[1] = "needle"
-        text = " ".join(words)
         for p in range(length):
-            shown = " ".join(
-                f"<b>{html.escape(w)}</b>" if i == p else html.escape(w)
-                for i, w in enumerate(words[: p + 1])
-            )
             row = {
                 "seq_id": s,
                 "pos": p,
                 "x": float(rng.normal()),
                 "y": float(rng.normal()),
                 "role": int([0, 1, 2][p % 3]),
-                "hover": shown,
-                "text": html.escape(text),
             }
             if dims == 3:
                 row["z"] = float(rng.normal())
@@ -79,10 +79,19 @@ def umap_frame(n_seq: int = 4, length: int = 5, dims: int = 2) -> pd.DataFrame:
     return df
 
 
+def write_tokens(path: Path, tokens: dict[int, list[str]]) -> Path:
+    """A tokens parquet (seq_id, tokens) as the tokenize stage writes it."""
+    pd.DataFrame(
+        {"seq_id": pd.Series(list(tokens), dtype="int32"), "tokens": list(tokens.values())}
+    ).to_parquet(path)
+    return path
+
+
 def diffing_frame(n_features: int = 6, models: tuple[str, str] = ("base", "chat")) -> pd.DataFrame:
-    """features.parquet rows for two token types; feature 3 is inconsistent and hostile."""
+    """features.parquet rows for two token types; feature 3 is exclusive for the first model,
+    inconsistent (active on the second model's control prompts) and hostile."""
     rng = np.random.default_rng(1)
-    exclusive = [models[0], models[1], "both", "none"]
+    exclusive = ["none", models[1], "both", models[0]]
     rows = []
     for tt in ("model", "newline"):
         for f in range(n_features):
@@ -120,7 +129,12 @@ UMAP_ANALYSIS = {
     "dataset": "alpaca",
     "sae": "temporal12",
     "codes": "pred",
+    "hover_window": 3,
     "report": {"lines": "all"},
+}
+MODELS_INFO = {
+    "base": {"name": "org/tiny-base", "layer": 2},
+    "chat": {"name": "org/tiny-chat", "layer": 2},
 }
 SIM_ANALYSIS = {
     "type": "similarity",
@@ -197,6 +211,7 @@ def build_all_reports(root: Path) -> dict[str, Path]:
     reports = root / "reports"
     emb = inputs / "embedding.parquet"
     umap_frame().to_parquet(emb)
+    umap_tok = write_tokens(inputs / "umap_tokens.parquet", umap_tokens())
     feats = inputs / "features.parquet"
     diffing_frame().to_parquet(feats)
     summary = inputs / "summary.json"
@@ -205,9 +220,16 @@ def build_all_reports(root: Path) -> dict[str, Path]:
     metrics = write_metrics_inputs(inputs)
 
     pages = {
-        "umap": write_umap_page(emb, None, reports / "umap-pred_alpaca.html", UMAP_ANALYSIS),
+        "umap": write_umap_page(
+            emb, None, reports / "umap-pred_alpaca.html", UMAP_ANALYSIS, tokens_path=umap_tok
+        ),
         "diffing": write_diffing_page(
-            feats, summary, reports / "diffing-intro.html", DIFF_ANALYSIS, NEURONPEDIA_ID
+            feats,
+            summary,
+            reports / "diffing-intro.html",
+            DIFF_ANALYSIS,
+            NEURONPEDIA_ID,
+            models_info=MODELS_INFO,
         ),
         "similarity": write_similarity_page(
             manifest, tokens, reports / "similarity-sim.html", SIM_ANALYSIS
@@ -266,3 +288,157 @@ def load(driver, path: Path, ready: bool = True, timeout: float = 20.0) -> list[
 
 def severe(entries: list[dict]) -> list[dict]:
     return [e for e in entries if e.get("level") == "SEVERE"]
+
+
+def read_shards(page: Path) -> dict[tuple[str, int], Any]:
+    """Every shard beside a page: (set, k) -> data, parsed back from `saeflowShard(...)`."""
+    import re
+
+    from saeflow.report.shards import data_dir
+
+    out = {}
+    pattern = re.compile(r'^saeflowShard\("([^"]+)", "([^"]+)", (\d+), (.*)\);\n$', re.DOTALL)
+    for path in sorted(data_dir(page).glob("*.js")):
+        match = pattern.match(path.read_text(encoding="utf-8"))
+        assert match, path
+        assert match.group(1) == page.stem
+        out[(match.group(2), int(match.group(3)))] = json.loads(match.group(4))
+    return out
+
+
+def dashboard_frames(n_features: int = 6, n_examples: int = 3, logits: bool = True):
+    """(feature_index, examples) frames as the top_examples stage writes them; feature 1 never
+    fires, feature 2's tokens and example are hostile, feature 0 fires on " king"."""
+    import html as _html
+
+    rng = np.random.default_rng(3)
+    n_active = rng.integers(1, 1000, n_features)
+    if n_features > 1:
+        n_active[1] = 0
+    tokens = [
+        [" king", "queen"] if f == 0 else [XSS, f"t{f}"] if f == 2 else [f"t{f}"]
+        for f in range(n_features)
+    ]
+    index = pd.DataFrame(
+        {
+            "feature_id": np.arange(n_features, dtype=np.int32),
+            "n_active": n_active,
+            "density": n_active / 1e4,
+            "max_act": rng.random(n_features) + 1,
+            "mean_act": rng.random(n_features),
+            "hist_lo": np.zeros(n_features),
+            "hist_hi": np.ones(n_features),
+            "hist_counts": [[int(c) for c in rng.integers(0, 9, 8)] for _ in range(n_features)],
+            "top_tokens": [t if n_active[f] else [] for f, t in enumerate(tokens)],
+            "top_token_counts": [[2] * len(t) if n_active[f] else [] for f, t in enumerate(tokens)],
+        }
+    )
+    if logits:
+        index["top_logit_tokens"] = [[f"up{f}", SCRIPT_BREAK] for f in range(n_features)]
+        index["top_logit_values"] = [[1.5, 1.0] for _ in range(n_features)]
+        index["bottom_logit_tokens"] = [[f"down{f}"] for f in range(n_features)]
+        index["bottom_logit_values"] = [[-1.0] for _ in range(n_features)]
+    rows = []
+    for f in range(n_features):
+        if not n_active[f]:
+            continue
+        for r in range(n_examples):
+            word = XSS if f == 2 else f"word{f}"
+            rows.append(
+                {
+                    "feature_id": f,
+                    "rank": r,
+                    "activation": float(n_examples - r),
+                    "context_html": f"ctx <b>{_html.escape(word)}</b> {r}",
+                }
+            )
+    return index, pd.DataFrame(rows)
+
+
+def decoder_frame(n_per_sae: int = 4, saes: tuple[str, ...] = ("a", "b"), dims: int = 2):
+    """Decoder UMAP rows: two SAEs, feature 1 of SAE a has hostile tokens."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for s in saes:
+        for f in range(n_per_sae):
+            row = {
+                "sae": s,
+                "feature_id": f,
+                "x": float(rng.normal()),
+                "y": float(rng.normal()),
+                "top_tokens": [XSS] if (s, f) == ("a", 1) else [" king"] if f == 0 else [f"t{f}"],
+                "top_logit_tokens": [f"l{f}"],
+            }
+            if dims == 3:
+                row["z"] = float(rng.normal())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+DECODER_PARTNERS = {"a:0": [["b", 0, 0.9, True]], "b:0": [["a", 0, 0.9, True]]}
+
+
+def mfa_frames(R: int = 4, n: int = 30):
+    """(nll, contexts, subspace, summary) frames of a small MFA run with hostile tokens."""
+    rng = np.random.default_rng(5)
+    nll = pd.DataFrame(
+        {"epoch": [0, 1, 2], "train_nll": [3.0, 2.0, 1.5], "val_nll": [3.1, 2.2, 1.7]}
+    ).assign(best=[False, False, True])
+    contexts = pd.DataFrame(
+        {
+            "component": [0, 0, 1],
+            "shown": [True, True, True],
+            "rank": [0, 1, 0],
+            "context": ["the ", f"a {XSS} ", "x"],
+            "token": ["cat", SCRIPT_BREAK, "y"],
+            "log_lik": [-1.0, -2.0, -3.0],
+        }
+    )
+    subspace = pd.DataFrame(
+        {
+            "component": [i % 2 for i in range(n)],
+            "coords": [list(rng.normal(size=R)) for _ in range(n)],
+            "token": [XSS if i == 0 else f"tok{i}" for i in range(n)],
+            "seq_id": list(range(n)),
+            "pos": [1] * n,
+            "resp": [0.9] * n,
+        }
+    )
+    summary = {
+        "components": [
+            {"component": 0, "size": 15, "pi": 0.5, "top_tokens": [[XSS, 2]]},
+            {"component": 1, "size": 15, "pi": 0.5, "top_tokens": [["y", 1]]},
+        ]
+    }
+    return nll, contexts, subspace, summary
+
+
+def build_geometry_pages(reports: Path) -> dict[str, Path]:
+    """Dashboard, decoder UMAP and MFA pages under `reports`."""
+    from saeflow.report import write_dashboard_page, write_decoder_umap_page, write_mfa_page
+
+    index, examples = dashboard_frames()
+    nll, contexts, subspace, summary = mfa_frames()
+    return {
+        "dashboard": write_dashboard_page(
+            reports / "geometry-dash.html",
+            index,
+            examples,
+            analysis={"name": "dash", "sae": "topk", "model": "chat", "dataset": "d"},
+        ),
+        "decoder": write_decoder_umap_page(
+            reports / "geometry-dec.html",
+            decoder_frame(),
+            DECODER_PARTNERS,
+            analysis={"name": "dec"},
+        ),
+        "mfa": write_mfa_page(
+            reports / "mfa-m.html",
+            title=f"MFA {XSS}",
+            nll=nll,
+            contexts=contexts,
+            subspace=subspace,
+            summary=summary,
+            model_config={"K": 2, "R": 4},
+        ),
+    }

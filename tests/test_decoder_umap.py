@@ -62,14 +62,20 @@ def test_partner_map_links_both_ways():
     assert "l:6" in partner_map(table, max_rank=1)
 
 
-def test_page_escapes_tokens_and_embeds_partners():
+def test_page_escapes_tokens_and_embeds_partners(tmp_path):
+    from _browser import read_shards
+
     emb = pd.DataFrame({"sae": ["a", "b"], "feature_id": [0, 0], "x": [0.0, 1.0], "y": [1.0, 0.0]})
     emb = attach_tokens(emb, {"a": [[XSS]], "b": [["king"]]})
-    page = build_decoder_umap_page(emb, {"a:0": [["b", 0, 0.8, True]]}, analysis={"name": "u"})
+    out = tmp_path / "geometry-u.html"
+    page = build_decoder_umap_page(emb, {"a:0": [["b", 0, 0.8, True]]}, out, analysis={"name": "u"})
     assert "<img" not in page and 'src="plotly.min.js"' in page
     extra = json.loads(re.search(r"^var EXTRA = (.*);$", page, re.MULTILINE).group(1))
-    assert extra["where"] == {"a:0": [0, 0], "b:0": [1, 0]}
-    assert extra["features"][0][0]["tt"] == [XSS]
+    assert extra["saes"] == ["a", "b"] and extra["starts"] == [0, 1, 2]
+    shards = read_shards(out)
+    assert [k for (s, _), d in shards.items() if s == "par" for k in d["keys"]] == ["a:0"]
+    assert XSS in [k for (s, _), d in shards.items() if s == "tok" for k in d["keys"]]
+    assert "&lt;img" in shards[("hover", 0)]["items"][0]
 
 
 def _write_saelens(path: Path, W_dec_FD: np.ndarray) -> dict:
@@ -175,6 +181,10 @@ def test_decoder_umap_script_two_widths(tmp_path, monkeypatch):
     assert "<img" not in page and 'src="plotly.min.js"' in page
     extra = json.loads(re.search(r"^var EXTRA = (.*);$", page, re.MULTILINE).group(1))
     assert extra["saes"] == ["w16", "w32"]
+    from _browser import read_shards
+
+    shards = read_shards(out / "reports/geometry-du.html")
+    partners = {k: v for (s, _), d in shards.items() if s == "par" for k, v in d["keys"].items()}
     for f in range(16):
-        assert ["w32", f] in [p[:2] for p in extra["partners"][f"w16:{f}"]]
-    assert "plotly_hover" in page and "function geoSearchToken" in page
+        assert ["w32", f] in [p[:2] for p in partners[f"w16:{f}"]]
+    assert "plotly_hover" in page and "function geoTokenKey" in page

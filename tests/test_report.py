@@ -14,6 +14,7 @@ from _browser import (
     CONFIG,
     DIFF_ANALYSIS,
     DIFF_SUMMARY,
+    MODELS_INFO,
     NEURONPEDIA_ID,
     SCRIPT_BREAK,
     SIM_ANALYSIS,
@@ -21,16 +22,21 @@ from _browser import (
     XSS,
     build_all_reports,
     diffing_frame,
+    read_shards,
     umap_frame,
+    umap_tokens,
     write_metrics_inputs,
     write_similarity_inputs,
+    write_tokens,
 )
 
 from saeflow.errors import DataError
 from saeflow.report import common
+from saeflow.report.common import write_page
 from saeflow.report.diffing_page import build_diffing_page, neuronpedia_base
 from saeflow.report.index import build_index, write_index
 from saeflow.report.metrics_page import build_metrics_page, run_label
+from saeflow.report.shards import data_dir, first_load_bytes, unpack
 from saeflow.report.similarity_page import axis_labels, build_similarity_page, read_matrix
 from saeflow.report.umap_page import build_umap_page, umap_title
 
@@ -98,138 +104,175 @@ def test_pages_use_local_plotly_only_and_are_deterministic(tmp_path):
 # ---------------------------------------------------------------- umap
 
 
-def test_umap_page_figure():
-    page = build_umap_page(umap_frame(), UMAP_ANALYSIS, lines="all", max_sequences=3)
-    fig = page_json(page, "FIG")
-    assert_valid_figure(fig)
-    points, lines = fig["data"]
-    assert points["type"] == "scatter" and len(points["x"]) == 20
-    assert points["marker"]["colorscale"] == "Viridis" and points["marker"]["color"][:5] == [
-        0,
-        1,
-        2,
-        3,
-        4,
-    ]
-    # lines: 4 sequences of 5 points with a null between sequences
-    assert len(lines["x"]) == 20 + 3 and lines["x"].count(None) == 3
-    colour_menu = fig["layout"]["updatemenus"][0]["buttons"]
-    by_role = colour_menu[1]["args"][0]["marker.color"][0]
-    assert by_role[:3] == ["#9e9e9e", "#000000", "#d62728"]
-    assert 'id="filter-limit" type="number" min="0" max="4" value="3"' in page
+def _umap(tmp_path: Path, df=None, analysis=None, tokens=None, name: str = "umap-u.html"):
+    out = tmp_path / name
+    page = build_umap_page(
+        umap_frame() if df is None else df,
+        UMAP_ANALYSIS if analysis is None else analysis,
+        umap_tokens() if tokens is None else tokens,
+        out,
+    )
+    write_page(out, page)
+    return out, page
+
+
+def test_umap_page_packs_points_and_shards_tokens(tmp_path):
+    out, page = _umap(tmp_path)
     extra = page_json(page, "EXTRA")
-    assert extra["seq_ids"] == [0, 1, 2, 3] and "needle" in extra["seq_text"][2]
-    assert XSS in extra["seq_text"][1]  # plain text for search, JSON-escaped in the page
-    hovers = points["hovertext"]
-    assert "<b>w0_0</b>" in hovers[0]
-    assert any("&lt;img src=x onerror=alert(1)&gt;" in h for h in hovers)
+    assert extra["n"] == 20 and extra["dims"] == 2 and extra["kind"] == "scatter"
+    x = unpack(extra["cols"]["x"])
+    assert x == pytest.approx(umap_frame()["x"].to_numpy(), abs=1e-3)
+    assert unpack(extra["cols"]["pos"]).tolist() == [0, 1, 2, 3, 4] * 4
+    assert unpack(extra["cols"]["seq"]).tolist() == sorted([0, 1, 2, 3] * 5)
+    assert extra["lines"] == [0, 1, 2, 3] and extra["filter"] == "any"
+    assert extra["window"] == 3
+    shards = read_shards(out)
+    assert shards[("tok", 0)]["items"][1][2] == " " + XSS  # raw in the shard, JSON-escaped
+    assert "<img" not in (data_dir(out) / "tok-0.js").read_text()
+    assert 'id="filter-limit" type="number" min="0" max="4" value="4"' in page
     assert_no_raw_payload(page)
 
 
-def test_umap_page_raw_hover_is_neutralised_and_3d():
-    df = umap_frame(dims=3)
-    df.loc[3, "hover"] = "<b>" + XSS + "</b>" + SCRIPT_BREAK
-    df = df.drop(columns="text")
-    page = build_umap_page(df, {"model": "chat", "dataset": "d"}, lines=[1])
-    fig = page_json(page, "FIG")
-    assert_valid_figure(fig)
-    assert fig["data"][0]["type"] == "scatter3d" and len(fig["data"][0]["z"]) == 20
-    assert fig["data"][1]["customdata"] == [1] * 5
-    assert_no_raw_payload(page)
+def test_umap_page_options(tmp_path):
+    analysis = {
+        **UMAP_ANALYSIS,
+        "report": {"lines": [2], "filter": "all", "sequences": [2, 0], "max_sequences": 1},
+    }
+    _, page = _umap(tmp_path, analysis=analysis)
+    extra = page_json(page, "EXTRA")
+    assert extra["seq_ids"] == [0, 2] and extra["n"] == 10
+    assert extra["filter"] == "all" and 'value="all" selected' in page
+    assert 'max="2" value="1"' in page
+    with pytest.raises(DataError, match="report.lines"):
+        _umap(tmp_path, analysis={"report": {"lines": [1], "sequences": [0]}})
+    with pytest.raises(DataError, match="report.sequences"):
+        _umap(tmp_path, analysis={"report": {"sequences": [99]}})
+    with pytest.raises(DataError, match="report.filter"):
+        _umap(tmp_path, analysis={"report": {"filter": "some"}})
+
+
+def test_umap_page_3d_and_errors(tmp_path):
+    _, page = _umap(tmp_path, df=umap_frame(dims=3), analysis={"model": "chat", "dataset": "d"})
+    extra = page_json(page, "EXTRA")
+    assert extra["dims"] == 3 and extra["kind"] == "scatter3d" and "z" in extra["cols"]
     assert "UMAP 3-D of LLM activations of chat, dataset d" in page
+    with pytest.raises(DataError, match="missing columns"):
+        _umap(tmp_path, df=umap_frame().drop(columns="role"))
+    with pytest.raises(DataError, match="no tokens for sequence 3"):
+        _umap(tmp_path, tokens={s: t for s, t in umap_tokens().items() if s != 3})
+    with pytest.raises(DataError, match="has 2 tokens"):
+        _umap(tmp_path, tokens={**umap_tokens(), 0: ["a", "b"]})
 
 
-def test_umap_titles_and_errors():
+def test_umap_titles():
     assert "pred codes of SAE s" in umap_title({"sae": "s", "codes": "pred", "dataset": "x"}, 2)
     assert "total codes" in umap_title({"sae": "s", "codes": "total"}, 3)
     assert "LLM activations" in umap_title({"sae": "s", "codes": "activations"}, 2)
-    with pytest.raises(DataError, match="missing columns"):
-        build_umap_page(umap_frame().drop(columns="hover"), {})
-    with pytest.raises(DataError, match="report.lines"):
-        build_umap_page(umap_frame(), {}, lines=[99])
-    with pytest.raises(DataError, match="report.color"):
-        build_umap_page(umap_frame(), {}, color="rainbow")
 
 
-def test_umap_webgl_switch():
-    fig = page_json(build_umap_page(umap_frame(), {}, webgl=True), "FIG")
-    assert fig["data"][0]["type"] == "scattergl"
+def test_umap_page_does_not_grow_with_hover_window(tmp_path):
+    """Seed 002's 500-token window costs nothing in the page: hover text is built from tokens."""
+    toks = {s: [f" t{p}" for p in range(512)] for s in range(20)}
+    df = pd.DataFrame(
+        [
+            {"seq_id": s, "pos": p, "x": 0.1 * p, "y": 0.2 * s, "z": 0.0, "role": 2}
+            for s in range(20)
+            for p in range(0, 512, 17)
+        ]
+    )
+    small, _ = _umap(tmp_path, df, {**UMAP_ANALYSIS, "hover_window": 50}, toks, "umap-a.html")
+    big, _ = _umap(tmp_path, df, {**UMAP_ANALYSIS, "hover_window": 500}, toks, "umap-b.html")
+    assert first_load_bytes(big) - first_load_bytes(small) < 100
 
 
 # ---------------------------------------------------------------- diffing
 
 
-def test_diffing_page_figure():
+def _diffing(tmp_path: Path, df=None, analysis=None, name: str = "diffing-d.html", **kw):
+    out = tmp_path / name
     page = build_diffing_page(
-        diffing_frame(), DIFF_SUMMARY, DIFF_ANALYSIS, neuronpedia=NEURONPEDIA_ID
+        diffing_frame() if df is None else df,
+        DIFF_SUMMARY,
+        DIFF_ANALYSIS if analysis is None else analysis,
+        out,
+        **{"neuronpedia": NEURONPEDIA_ID, "models_info": MODELS_INFO, **kw},
     )
-    fig = page_json(page, "FIG")
-    assert_valid_figure(fig)
-    traces = fig["data"]
-    assert len(traces) == 8  # 2 token types x 4 exclusivity classes
-    assert sum(len(t["x"]) for t in traces) == 12
-    assert {t["legendgroup"] for t in traces} == {"model", "newline"}
-    symbols = {t["name"]: t["marker"]["symbol"] for t in traces}
-    assert symbols == {
-        "both": "star",
-        "base only": "circle",
-        "chat only": "square",
-        "neither": "circle",
-    }
-    inconsistent = [t for t in traces if "#d62728" in t["marker"]["line"]["color"]]
-    assert len(inconsistent) == 2 and all(t["marker"]["line"]["width"] == [2] for t in inconsistent)
-    layout = fig["layout"]
-    assert layout["xaxis"]["range"] == layout["yaxis"]["range"]
-    assert layout["yaxis"]["scaleanchor"] == "x"
-    values = [v for t in traces for v in t["x"] + t["y"]]
-    lo, hi = min(values), max(values)
-    assert layout["xaxis"]["range"] == pytest.approx([lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)])
-    assert layout["shapes"][0]["line"]["dash"] == "dash"
-    buttons = layout["updatemenus"][0]["buttons"]
-    assert [b["label"] for b in buttons] == ["target_all_mean", "target_sparsity"]
-    assert len(buttons[1]["args"][0]["x"]) == 8
-    row = traces[0]["customdata"][0]
-    assert isinstance(row[0], int)
-    template = traces[0]["hovertemplate"]
-    assert "/ 40 (%{customdata[3]:.2%})" in template and "chat target_all_mean" not in template
-    hostile = [r[-1] for t in traces for r in t["customdata"] if "img" in str(r[-1])]
-    assert hostile and all("&lt;img src=x onerror=alert(1)&gt;" in h for h in hostile)
-    assert page_json(page, "EXTRA")["neuronpedia_base"] == (
-        "https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/"
+    write_page(out, page)
+    return out, page
+
+
+def test_diffing_page_plots_exclusive_features_by_default(tmp_path):
+    out, page = _diffing(tmp_path)
+    extra = page_json(page, "EXTRA")
+    pts = extra["points"]
+    assert pts["n"] == 8 and pts["tail"]["count"] == 0  # 12 rows, 4 not exclusive
+    fids = unpack(pts["head"]["fid"]).tolist()
+    cats = unpack(pts["head"]["cat"]).tolist()
+    assert 0 not in fids and 4 not in fids
+    assert cats[fids.index(3)] == 1 + 4  # base only, inconsistent
+    x0 = unpack(pts["head"]["x0"])
+    assert x0[0] == pytest.approx(
+        diffing_frame().query("exclusive != 'none'")["base_target_all_mean"].iloc[0], rel=1e-6
     )
+    assert extra["metrics"] == ["target_all_mean", "target_sparsity"]
+    assert extra["metric_names"] == ["Mean Activation", "Activation Sparsity"]
+    assert (
+        extra["neuronpedia_base"] == "https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/"
+    )
+    assert extra["plot_subtitle"] == "org/tiny-base / org/tiny-chat, residual stream post-layer 2"
+    assert "Diffing intro: base → chat (org/tiny-base / org/tiny-chat, layer 2)" in page
+    shards = read_shards(out)
+    rec = shards[("feat", 0)]["items"][3]
+    assert rec["e"].startswith("feature about &lt;img src=x onerror=alert(1)&gt;")
+    assert set(rec["c"]) == {"model", "newline"} and len(rec["c"]["model"]) == 4
+    assert shards[("feat", 0)]["items"][0]["e"] == "desc 0"
     assert_no_raw_payload(page)
+    for path in data_dir(out).iterdir():
+        assert_no_raw_payload(path.read_text())
 
 
-def test_diffing_reads_whatever_columns_exist():
+def test_diffing_page_all_features_option(tmp_path):
+    _, page = _diffing(tmp_path, analysis={**DIFF_ANALYSIS, "report": {"plot": "all"}})
+    pts = page_json(page, "EXTRA")["points"]
+    assert pts["n"] == 12
+    cats = unpack(pts["head"]["cat"]).tolist()
+    assert cats[-4:] == [3, 3, 3, 3]  # the non-exclusive features come last
+    with pytest.raises(DataError, match="report.plot"):
+        _diffing(tmp_path, analysis={**DIFF_ANALYSIS, "report": {"plot": "some"}})
+
+
+def test_diffing_reads_whatever_columns_exist(tmp_path):
     df = diffing_frame(models=("pt", "it")).drop(columns=["description"])
     df["pt_extra_metric"] = 1.0
     df["it_extra_metric"] = 2.0
-    page = build_diffing_page(df, {}, {"name": "x"}, webgl=True)
-    fig = page_json(page, "FIG")
-    labels = [b["label"] for b in fig["layout"]["updatemenus"][0]["buttons"]]
-    assert labels == [
-        "target_num_active",
-        "control_num_active",
-        "target_all_mean",
-        "target_sparsity",
-        "extra_metric",
-    ]
-    assert {t["type"] for t in fig["data"]} == {"scattergl"}
-    assert {t["name"] for t in fig["data"]} == {"both", "pt only", "it only", "neither"}
-    assert page_json(page, "EXTRA")["neuronpedia_base"] is None
-    assert "Neuronpedia" not in fig["data"][0]["hovertemplate"]
+    out, page = _diffing(tmp_path, df=df, analysis={"name": "x"}, neuronpedia=None, webgl=True)
+    extra = page_json(page, "EXTRA")
+    assert extra["metrics"] == ["target_all_mean", "target_sparsity", "extra_metric"]
+    assert extra["kind"] == "scattergl" and extra["neuronpedia_base"] is None
+    assert read_shards(out)[("feat", 0)]["items"][1]["e"] is None
+    assert "Neuronpedia" not in page
 
 
-def test_diffing_errors():
-    df = diffing_frame()
+def test_diffing_errors(tmp_path):
     with pytest.raises(DataError, match="target_kl"):
-        build_diffing_page(df, {}, {**DIFF_ANALYSIS, "metrics": ["target_kl"]})
-    bad = df.assign(exclusive="maybe")
+        _diffing(tmp_path, analysis={**DIFF_ANALYSIS, "metrics": ["target_kl"]})
     with pytest.raises(DataError, match="exclusive"):
-        build_diffing_page(bad, {}, DIFF_ANALYSIS)
+        _diffing(tmp_path, df=diffing_frame().assign(exclusive="maybe"))
     with pytest.raises(DataError, match="Neuronpedia id"):
         neuronpedia_base("../evil")
     assert neuronpedia_base("a b/c") == "https://www.neuronpedia.org/a%20b/c/"
+
+
+def test_explanations_from_a_configurable_column(tmp_path):
+    from saeflow.diffing import read_explanations
+
+    csv = tmp_path / "expl.csv"
+    pd.DataFrame({"feature_id": [0, 2], "claude_desc": [f"about {XSS}", None]}).to_csv(csv)
+    df = read_explanations(csv, "claude_desc")
+    assert df.columns.tolist() == ["feature_id", "description"]
+    assert df["description"].iloc[0] == f"about {XSS}"
+    with pytest.raises(DataError, match="explanation_column"):
+        read_explanations(csv)
 
 
 # ---------------------------------------------------------------- similarity
@@ -300,7 +343,8 @@ def test_index_and_site(tmp_path):
     site = tmp_path / "site"
     write_index(page_list, CONFIG, tmp_path / "reports" / "index.html", site_dir=site)
     assert sorted(p.name for p in site.iterdir()) == sorted(
-        ["index.html", "plotly.min.js"] + [p.name for p in page_list]
+        ["index.html", "plotly.min.js", "diffing-intro.data", "umap-pred_alpaca.data"]
+        + [p.name for p in page_list]
     )
     assert (site / "plotly.min.js").read_bytes() == common.plotlyjs_source().read_bytes()
     with pytest.raises(DataError, match="not found"):
@@ -337,6 +381,7 @@ def test_scripts(tmp_path, monkeypatch):
     logs = tmp_path / "logs"
     emb = inp / "embedding.parquet"
     umap_frame().to_parquet(emb)
+    umap_tok = write_tokens(inp / "umap_tokens.parquet", umap_tokens())
     results = inp / "results.json"
     results.write_text(json.dumps({"config": UMAP_ANALYSIS}))
     feats = inp / "features.parquet"
@@ -348,7 +393,7 @@ def test_scripts(tmp_path, monkeypatch):
 
     _run_script(
         "report_umap.py",
-        input={"embedding": str(emb), "results": str(results)},
+        input={"embedding": str(emb), "results": str(results), "tokens": str(umap_tok)},
         output={"page": str(out / "umap-u.html")},
         params={"analysis": UMAP_ANALYSIS},
         log={"log": str(logs / "umap.log")},
@@ -357,7 +402,7 @@ def test_scripts(tmp_path, monkeypatch):
         "report_diffing.py",
         input={"features": str(feats), "summary": str(summary)},
         output={"page": str(out / "diffing-d.html")},
-        params={"analysis": DIFF_ANALYSIS, "neuronpedia": None},
+        params={"analysis": DIFF_ANALYSIS, "neuronpedia": None, "models": MODELS_INFO},
         log={"log": str(logs / "diffing.log")},
     )
     _run_script(
@@ -383,11 +428,13 @@ def test_scripts(tmp_path, monkeypatch):
         log={"log": str(logs / "index.log")},
     )
     assert sorted(p.name for p in out.iterdir()) == [
+        "diffing-d.data",
         "diffing-d.html",
         "index.html",
         "metrics-m.html",
         "plotly.min.js",
         "similarity-s.html",
+        "umap-u.data",
         "umap-u.html",
     ]
     sim = page_json((out / "similarity-s.html").read_text(), "FIG")
@@ -395,4 +442,6 @@ def test_scripts(tmp_path, monkeypatch):
         "sequence 7",
         "sequence 0",
     ]
-    assert (tmp_path / "results" / "site" / "index.html").exists()
+    site = tmp_path / "results" / "site"
+    assert (site / "index.html").exists()
+    assert sorted(p.name for p in (site / "umap-u.data").iterdir()) == ["tok-0.js"]

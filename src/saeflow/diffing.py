@@ -330,16 +330,19 @@ def check_same_tokens(
             )
 
 
-def read_explanations(path: str | os.PathLike) -> pd.DataFrame:
-    """feature_id, description from a CSV (other columns are ignored)."""
+def read_explanations(path: str | os.PathLike, column: str = "description") -> pd.DataFrame:
+    """feature_id, description from a CSV: `column` (e.g. seed 001's claude_desc) is read as the
+    description; other columns are ignored."""
     try:
-        df = pd.read_csv(path, dtype={"description": str})
+        df = pd.read_csv(path, dtype={column: str})
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read explanations CSV ({err})") from None
-    missing = [c for c in ("feature_id", "description") if c not in df.columns]
+    missing = [c for c in ("feature_id", column) if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: explanations CSV lacks column(s) {missing}")
-    df = df[["feature_id", "description"]]
+        raise DataError(
+            f"{path}: explanations CSV lacks column(s) {missing} (report.explanation_column)"
+        )
+    df = df[["feature_id", column]].rename(columns={column: "description"})
     if len(df) and not pd.api.types.is_integer_dtype(df["feature_id"]):
         raise DataError(f"{path}: feature_id must be integers")
     dup = df["feature_id"][df["feature_id"].duplicated()]
@@ -425,7 +428,8 @@ def run_diffing(
     per_t = {m: {s: rows[m][s] for s in SETS} for m in models}
     table = diff_table(per_t, models, [tt.name for tt in token_types], metrics)
     if explanations:
-        table = table.merge(read_explanations(explanations), on="feature_id", how="left")
+        column = (analysis.get("report") or {}).get("explanation_column", "description")
+        table = table.merge(read_explanations(explanations, column), on="feature_id", how="left")
     with atomic_path(features_out) as tmp:
         pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp, **PARQUET_OPTS)
     summary = summarize(table, models, n_prompts["target"], n_prompts["control"])

@@ -56,7 +56,7 @@ UMAP_DEFAULTS: dict[str, Any] = {
     "max_p": 49,
     "num_p": 20,
     "log_scale": False,
-    "n_components": 2,
+    "n_components": 3,
     "n_neighbors": 15,
     "min_dist": 0.1,
     "metric": "euclidean",

@@ -8,6 +8,7 @@ escaped for Plotly's own pseudo-HTML (which decodes `&lt;`, `&gt;`, `&amp;` and 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -16,7 +17,7 @@ import os
 import re
 import shutil
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -144,26 +145,9 @@ def figure_json(fig: Any) -> dict[str, Any]:
 
 
 def _asset(name: str) -> str:
-    return resources.files("saeflow.report").joinpath(name).read_text(encoding="utf-8")
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 1.5em;
-       color: #222; }
-header { border-bottom: 1px solid #ddd; padding: 0.6em 0; }
-header a { font-size: 0.9em; }
-h1 { font-size: 1.35em; margin: 0.3em 0; }
-.subtitle { color: #555; margin: 0.2em 0; }
-.controls { margin: 0.6em 0; display: flex; gap: 1.2em; flex-wrap: wrap; align-items: center; }
-.controls label { font-size: 0.9em; }
-.plot { width: 100%; height: 78vh; min-height: 420px; }
-table.data { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
-table.data th, table.data td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-table.data th:first-child, table.data td:first-child { text-align: left; }
-pre.config { background: #f6f8fa; padding: 0.8em; overflow: auto; font-size: 0.85em; }
-.note { color: #555; font-size: 0.9em; }
-#plotly-missing { color: #b00; font-weight: bold; }
-"""
+    """Text of a page asset (`report/assets/*.js|css`); pages inline them, so each page is one
+    file plus its shards and the shared plotly.min.js."""
+    return resources.files("saeflow.report").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def render_page(
@@ -176,32 +160,48 @@ def render_page(
     script: str | None = None,
     after_plot_html: str = "",
     index_href: str | None = "index.html",
+    assets: Iterable[str] = (),
+    eager: Iterable[str] = (),
+    plot_class: str = "plot",
 ) -> str:
     """Whole HTML document: header, optional controls/body, the graph and the page script.
 
     `title`/`subtitle` are plain text (escaped here); `body_html` and `after_plot_html` must
-    already be safe HTML. `extra` is handed to `script` as the global `EXTRA`.
+    already be safe HTML. `extra` is handed to the page scripts as the global `EXTRA`; `assets`
+    names the page's own .js files in report/assets (run after common.js); `script` is extra
+    inline JavaScript (default: draw FIG). `eager` lists the shards the page loads at start, so
+    `first_load_bytes` counts them.
     """
+    assets = list(assets)
+    eager = list(eager)
     head_script = f'<script charset="utf-8" src="{PLOTLY_JS}"></script>\n' if figure else ""
     back = f'<a href="{esc(index_href)}">&larr; all reports</a>\n' if index_href else ""
     sub = f'<p class="subtitle">{esc(subtitle)}</p>\n' if subtitle else ""
+    eager_meta = f'<meta name="saeflow-eager" content="{esc(" ".join(eager))}">\n' if eager else ""
     parts = [
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
         '<meta name="referrer" content="no-referrer">\n',
-        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n{head_script}</head>\n<body>\n",
+        eager_meta,
+        f"<title>{esc(title)}</title>\n<style>{_asset('page.css')}</style>\n{head_script}",
+        "</head>\n<body>\n",
         f"<header>\n{back}<h1>{esc(title)}</h1>\n{sub}</header>\n",
+        '<p id="saeflow-status" role="status"></p>\n',
         body_html,
     ]
     if figure is not None:
-        parts.append(f'\n<div id="{PLOT_ID}" class="plot"></div>\n')
+        parts.append(f'\n<div id="{PLOT_ID}" class="{esc(plot_class)}"></div>\n')
         parts.append(after_plot_html)
         parts.append(
             f"<script>\nvar FIG = {safe_json(figure_json(figure))};\n"
             f"var EXTRA = {safe_json(extra or {})};\n</script>\n"
         )
-        page_js = script if script is not None else "saeflowPlot(FIG);"
-        parts.append(f"<script>\n{_asset('common.js')}\n{page_js}\n</script>\n")
+        code = [_asset("common.js")] + [_asset(a) for a in assets]
+        if script is not None:
+            code.append(script)
+        elif not assets:
+            code.append("saeflowPlot(FIG);")
+        parts.append("<script>\n" + "\n".join(code) + "\n</script>\n")
     else:
         parts.append(after_plot_html)
     parts.append("</body>\n</html>\n")
@@ -262,3 +262,96 @@ def html_table(header: list[str], rows: list[list[Any]], *, css_class: str = "da
         f'<table class="{css_class}">\n<thead><tr>{head}</tr></thead>\n'
         f"<tbody>\n{body}</tbody>\n</table>\n"
     )
+
+
+class Page:
+    """A report page: a title, Plotly figures, tables, notes and lazily loaded shards.
+
+    The public way to make a page (new analyses use it too)::
+
+        page = Page("Title", subtitle="what it shows")
+        page.heading("Loss")
+        page.figure(fig)                       # a plotly Figure or {"data", "layout"}
+        page.table(["feature", "value"], rows)  # cells are plain text, escaped here
+        page.note("plain text")
+        with page.data(out_path) as data:      # optional: detail in shards beside the page
+            page.extra["detail"] = data.items("detail", records, per=256)
+            page.write(out_path, assets=["mypage.js"])
+
+    Without `assets` the page just draws its figures. With them, the page script (a .js file in
+    report/assets, run after common.js) draws them itself (`saeflowPlotAll(FIGS)`; FIGS holds
+    `{id, data, layout, config}`), finds its data in `EXTRA`, and loads a shard item with
+    `saeflowItem(EXTRA.data, EXTRA.detail, i)` (a Promise). A rule writing shards declares
+    `directory("{page stem}.data")` as an output.
+    """
+
+    def __init__(
+        self, title: str, *, subtitle: str = "", index_href: str | None = "index.html"
+    ) -> None:
+        self.title = title
+        self.subtitle = subtitle
+        self.index_href = index_href
+        self.parts: list[str] = []
+        self.figures: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+        self._data: Any = None
+
+    def html(self, safe_html: str) -> Page:
+        """Append HTML that is already safe (escape dataset text with `esc` first)."""
+        self.parts.append(safe_html)
+        return self
+
+    def heading(self, text: str, level: int = 2) -> Page:
+        return self.html(f"<h{level}>{esc(text)}</h{level}>\n")
+
+    def note(self, text: str) -> Page:
+        return self.html(f'<p class="note">{esc(text)}</p>\n')
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> Page:
+        return self.html(html_table(header, rows))
+
+    def figure(self, fig: Any, *, css_class: str = "plot-medium", div_id: str | None = None) -> str:
+        """Append a figure; returns its div id (`plot`, `plot-1`, ... unless given)."""
+        div_id = div_id or (PLOT_ID if not self.figures else f"{PLOT_ID}-{len(self.figures)}")
+        self.figures.append({"id": div_id, **figure_json(fig)})
+        self.parts.append(f'<div id="{esc(div_id)}" class="{esc(css_class)}"></div>\n')
+        return div_id
+
+    @contextlib.contextmanager
+    def data(self, out_path: str | os.PathLike) -> Iterator[Any]:
+        """The page's shard folder (see saeflow.report.shards.PageData); write inside."""
+        from saeflow.report.shards import page_data
+
+        with page_data(out_path) as data:
+            self._data = data
+            self.extra["data"] = data.meta
+            yield data
+
+    def render(self, *, assets: Iterable[str] = ()) -> str:
+        assets = list(assets)
+        eager = self._data.eager if self._data is not None else []
+        if not self.figures:
+            return render_page(
+                self.title,
+                subtitle=self.subtitle,
+                body_html="".join(self.parts),
+                index_href=self.index_href,
+            )
+        script = None if assets else "saeflowPlotAll(FIGS);"
+        figs = f"<script>\nvar FIGS = {safe_json(self.figures)};\n</script>\n"
+        return render_page(
+            self.title,
+            subtitle=self.subtitle,
+            body_html="".join(self.parts) + figs,
+            figure=self.figures[0],
+            extra=self.extra,
+            script=script,
+            index_href=self.index_href,
+            assets=assets,
+            eager=eager,
+            plot_class="",
+        ).replace(f'\n<div id="{PLOT_ID}" class=""></div>\n', "\n", 1)
+
+    def write(self, path: str | os.PathLike, *, assets: Iterable[str] = ()) -> Path:
+        """Write the page atomically, plotly.min.js beside it."""
+        return write_page(path, self.render(assets=assets), ship_plotlyjs=bool(self.figures))

@@ -1,8 +1,9 @@
-"""Diffing page: per-feature scatter of one model against the other for each diffing metric.
+"""Diffing page (seed 001): per-feature scatter of one model against the other, per metric.
 
-One trace per (token type, exclusivity): legend groups are token types and symbols encode
-exclusivity. Hover text is a per-trace `hovertemplate` over a compact `customdata` row, which keeps
-pages for large dictionaries several times smaller than one pre-rendered string per point.
+One trace per (token type, exclusivity, inconsistent): legend groups are token types, symbols
+encode exclusivity, inconsistent features have their own entries. The page holds the plotted
+points as packed columns (ids, classes, metric values); counts and explanations are in
+`feat-{k}.js` shards beside it, so its first load stays small at 131k features.
 """
 
 from __future__ import annotations
@@ -17,20 +18,19 @@ import pandas as pd
 from saeflow.errors import DataError
 from saeflow.io import read_json
 from saeflow.report.common import (
-    _asset,
     esc,
-    esc_label,
     fmt_num,
     html_table,
     render_page,
-    round_list,
     wrap_label,
     write_page,
 )
+from saeflow.report.shards import page_data
 
 NEURONPEDIA = "https://www.neuronpedia.org"
 WEBGL_POINTS = 2000
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+# Seed 001 colours the token types "model" and "newline" #FF6B6B and #4ECDC4.
+PALETTE = ["#FF6B6B", "#4ECDC4", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#bcbd22"]
 INCONSISTENT = "#d62728"
 COUNT_SUFFIXES = ("target_num_active", "control_num_active")
 
@@ -109,231 +109,196 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
-def _axis_range(values: list[float | None]) -> list[float]:
-    """Common range of both axes: data extent plus 5% on each side."""
-    finite = [v for v in values if v is not None]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    span = hi - lo
-    pad = 0.05 * span if span > 0 else max(abs(hi) * 0.05, 0.5)
-    return [lo - pad, hi + pad]
+METRIC_NAMES = {
+    "target_all_mean": "Mean Activation",
+    "target_sparsity": "Activation Sparsity",
+    "target_all_std": "Activation Std",
+    "target_max": "Max Activation",
+    "target_num_active": "Active Prompts",
+}
+CATEGORIES = ("both", "m0", "m1", "none")
+OPTIONS = {"plot": "exclusive", "explanation_column": "description"}
+DETAIL_PER = 256
+
+
+def page_options(analysis: dict[str, Any]) -> dict[str, Any]:
+    """The analysis' `report` options over the defaults, checked."""
+    opts = dict(OPTIONS)
+    opts.update({k: v for k, v in (analysis.get("report") or {}).items() if k in OPTIONS})
+    if opts["plot"] not in ("exclusive", "all"):
+        raise DataError(f"report.plot: expected 'exclusive' or 'all', got {opts['plot']!r}")
+    return opts
+
+
+def model_label(models: list[str], info: dict[str, dict[str, Any]] | None) -> tuple[str, str]:
+    """(model name, layer) for the title: the compared models' hub names and layer."""
+    info = info or {}
+    names = list(dict.fromkeys(str(info.get(m, {}).get("name") or m) for m in models))
+    layers = list(
+        dict.fromkeys(str(info[m]["layer"]) for m in models if "layer" in info.get(m, {}))
+    )
+    return " / ".join(names), " / ".join(layers)
+
+
+def _detail_items(
+    features: pd.DataFrame, models: list[str], token_types: list[str], has_desc: bool
+) -> tuple[int, Any]:
+    """(number of feature ids, iterator of per-feature detail: counts per token type and the
+    escaped, wrapped explanation) for the `feat` shards, indexed by feature id."""
+    count_cols = [f"{m}_{w}_num_active" for m in models for w in ("target", "control")]
+    present = [c for c in count_cols if c in features.columns]
+    n_ids = int(features["feature_id"].max()) + 1 if len(features) else 0
+    by_id: dict[int, dict[str, Any]] = {}
+    tt_col = features["token_type"].astype(str).to_numpy()
+    fid_col = features["feature_id"].astype(int).to_numpy()
+    counts = features[present].fillna(0).astype(int).to_numpy() if present else None
+    desc = features["description"].to_numpy() if has_desc else None
+    for i in range(len(features)):
+        rec = by_id.setdefault(int(fid_col[i]), {"c": {}, "e": None})
+        if counts is not None:
+            rec["c"][tt_col[i]] = [int(v) for v in counts[i]]
+        if desc is not None and rec["e"] is None:
+            d = desc[i]
+            if isinstance(d, str) and d.strip():
+                rec["e"] = wrap_label(d, width=80, max_lines=20)
+    empty = {"c": {}, "e": None}
+    return n_ids, (by_id.get(i, empty) for i in range(n_ids))
 
 
 def build_diffing_page(
     features: pd.DataFrame,
     summary: dict[str, Any],
     analysis: dict[str, Any],
+    out_path: str | os.PathLike,
     *,
     neuronpedia: str | None = None,
+    models_info: dict[str, dict[str, Any]] | None = None,
     webgl: bool | None = None,
     source: str = "features.parquet",
 ) -> str:
-    """Whole HTML page for one diffing analysis (WebGL above WEBGL_POINTS rows unless forced)."""
+    """Write the shards of one diffing page beside `out_path` and return the page HTML.
+
+    Seed 001 by default: only target-exclusive features are plotted (`report.plot: all` adds the
+    rest), inconsistent ones get their own legend entries, the hover shows both values and their
+    difference, counts and the explanation ("No explanation available" where none). Per-feature
+    detail is in `feat-{k}.js` shards, loaded on hover.
+    """
     required = ["token_type", "feature_id", "exclusive", "inconsistent"]
     missing = [c for c in required if c not in features.columns]
     if missing:
         raise DataError(f"{source}: missing columns {missing}")
+    opts = page_options(analysis)
     models = find_models(features, analysis.get("models"))
     metrics = find_metrics(features, models, analysis.get("metrics"))
+    metrics = [m for m in metrics if m not in COUNT_SUFFIXES] or metrics
     m0, m1 = models
-    symbols = {
-        "both": ("star", 10, "both"),
-        m0: ("circle", 7, f"{m0} only"),
-        m1: ("square", 7, f"{m1} only"),
-        "none": ("circle", 3, "neither"),
-    }
-    bad = sorted(set(map(str, features["exclusive"])) - set(symbols))
+    codes = {"both": 0, m0: 1, m1: 2, "none": 3}
+    bad = sorted(set(map(str, features["exclusive"])) - set(codes))
     if bad:
-        raise DataError(f"{source}: column exclusive has values {bad}; expected {sorted(symbols)}")
+        raise DataError(f"{source}: column exclusive has values {bad}; expected {sorted(codes)}")
     base_url = neuronpedia_base(neuronpedia)
     has_desc = "description" in features.columns
-    webgl = len(features) > WEBGL_POINTS if webgl is None else webgl
     token_types = list(dict.fromkeys(str(t) for t in features["token_type"]))
 
-    traces: list[dict[str, Any]] = []
-    per_metric_xy: dict[str, tuple[list[Any], list[Any]]] = {m: ([], []) for m in metrics}
-    all_values: dict[str, list[float | None]] = {m: [] for m in metrics}
-    for ti, tt in enumerate(token_types):
-        color = PALETTE[ti % len(PALETTE)]
-        n_target = _count_total(summary, "n_target", tt)
-        n_control = _count_total(summary, "n_control", tt)
-        totals = {"target": n_target, "control": n_control}
-        sub_tt = features[features["token_type"].astype(str) == tt]
-        for excl in ("both", m0, m1, "none"):
-            sub = sub_tt[sub_tt["exclusive"].astype(str) == excl].sort_values("feature_id")
-            if sub.empty:
-                continue
-            symbol, size, label = symbols[excl]
-            inconsistent = [bool(v) for v in sub["inconsistent"].fillna(False)]
-            custom_cols: list[list[Any]] = [[int(f) for f in sub["feature_id"]]]
-            custom_cols.append(["inconsistent" if v else "consistent" for v in inconsistent])
-            lines = [
-                f"<b>feature %{{customdata[0]}}</b> · token type {esc_label(tt)}",
-                f"exclusive: {esc_label(label)} · %{{customdata[1]}}",
-            ]
-            for model in models:
-                for which in ("target", "control"):
-                    col = f"{model}_{which}_num_active"
-                    if col not in features.columns:
-                        continue
-                    counts = [int(v) for v in sub[col].fillna(0)]
-                    k = len(custom_cols)
-                    custom_cols.append(counts)
-                    total = totals[which]
-                    text = f"{esc_label(model)} {which}: %{{customdata[{k}]}}"
-                    if total:
-                        custom_cols.append(round_list((c / total for c in counts), 4))
-                        text += f" / {total} (%{{customdata[{k + 1}]:.2%}})"
-                    lines.append(text)
-            for metric in metrics:
-                if metric in COUNT_SUFFIXES:
-                    continue
-                parts = []
-                for model in models:
-                    k = len(custom_cols)
-                    custom_cols.append(round_list(sub[f"{model}_{metric}"], 6))
-                    parts.append(f"{esc_label(model)} %{{customdata[{k}]:.4g}}")
-                lines.append(f"{esc_label(metric)}: " + " · ".join(parts))
-            if has_desc:
-                k = len(custom_cols)
-                custom_cols.append(
-                    [
-                        "" if d is None or d != d else "<br>" + wrap_label(d)
-                        for d in sub["description"]
-                    ]
-                )
-                lines[-1] += f"%{{customdata[{k}]}}"
-            if base_url:
-                lines.append("<i>click to open on Neuronpedia</i>")
-            for metric in metrics:
-                xs = round_list(sub[f"{m0}_{metric}"], 6)
-                ys = round_list(sub[f"{m1}_{metric}"], 6)
-                per_metric_xy[metric][0].append(xs)
-                per_metric_xy[metric][1].append(ys)
-                all_values[metric].extend(xs + ys)
-            first = metrics[0]
-            traces.append(
-                {
-                    "type": "scattergl" if webgl else "scatter",
-                    "mode": "markers",
-                    "name": esc_label(label),
-                    "legendgroup": esc_label(tt),
-                    "legendgrouptitle": {"text": f"token type {esc_label(tt)}"},
-                    "x": per_metric_xy[first][0][-1],
-                    "y": per_metric_xy[first][1][-1],
-                    "customdata": [list(row) for row in zip(*custom_cols, strict=True)],
-                    "hovertemplate": "<br>".join(lines) + "<extra></extra>",
-                    "marker": {
-                        "symbol": symbol,
-                        "size": size,
-                        "color": color,
-                        "opacity": 0.8,
-                        "line": {
-                            "color": [INCONSISTENT if v else color for v in inconsistent],
-                            "width": [2 if v else 0 for v in inconsistent],
-                        },
-                    },
-                }
-            )
-
-    def axes_update(metric: str) -> dict[str, Any]:
-        rng = _axis_range(all_values[metric])
-        return {
-            "xaxis.range": rng,
-            "yaxis.range": rng,
-            "xaxis.title.text": f"{esc_label(m0)} {esc_label(metric)}",
-            "yaxis.title.text": f"{esc_label(m1)} {esc_label(metric)}",
-            "shapes": [_diagonal(rng)],
-        }
-
-    buttons = [
-        {
-            "label": esc_label(metric),
-            "method": "update",
-            "args": [
-                {"x": per_metric_xy[metric][0], "y": per_metric_xy[metric][1]},
-                axes_update(metric),
-            ],
-        }
-        for metric in metrics
-    ]
-    rng0 = _axis_range(all_values[metrics[0]])
-    layout: dict[str, Any] = {
-        "template": "plotly_white",
-        "hovermode": "closest",
-        "hoverlabel": {"align": "left"},
-        "margin": {"t": 60, "l": 60, "r": 20, "b": 50},
-        "legend": {"groupclick": "toggleitem"},
-        "xaxis": {
-            "range": rng0,
-            "title": {"text": f"{esc_label(m0)} {esc_label(metrics[0])}"},
-            "constrain": "domain",
-            "zeroline": False,
-        },
-        "yaxis": {
-            "range": rng0,
-            "title": {"text": f"{esc_label(m1)} {esc_label(metrics[0])}"},
-            "scaleanchor": "x",
-            "scaleratio": 1,
-            "constrain": "domain",
-            "zeroline": False,
-        },
-        "shapes": [_diagonal(rng0)],
-        "updatemenus": [
-            {
-                "type": "dropdown",
-                "buttons": buttons,
-                "active": 0,
-                "x": 0,
-                "xanchor": "left",
-                "y": 1.12,
-                "yanchor": "top",
-                "showactive": True,
-            }
-        ],
-    }
-
-    name = analysis.get("name", "")
-    title = f"Diffing {name}: {m0} vs {m1}" if name else f"Diffing: {m0} vs {m1}"
-    parts = [f"SAE {analysis['sae']}" if analysis.get("sae") else ""]
-    if analysis.get("target"):
-        parts.append(f"target {analysis['target']}")
-    if analysis.get("control"):
-        parts.append(f"control {analysis['control']}")
-    subtitle = ", ".join(p for p in parts if p)
-    summary_rows = [
-        [k, fmt_num(v) if isinstance(v, int | float) else v] for k, v in _flatten(summary)
-    ]
-    body = (
-        '<p class="note">Symbols: star = active in both, circle = '
-        f"{esc(m0)} only, square = {esc(m1)} only, small dot = neither. A red border marks an "
-        "inconsistent feature. The dashed diagonal is no change. Pick the metric in the menu."
-        + (" Click a point to open the feature on Neuronpedia." if base_url else "")
-        + "</p>\n"
+    df = features.assign(
+        _tt=features["token_type"].astype(str).map({t: i for i, t in enumerate(token_types)}),
+        _cat=features["exclusive"].astype(str).map(codes),
+        _inc=features["inconsistent"].fillna(False).astype(bool),
     )
-    table = html_table(["summary", "value"], summary_rows) if summary_rows else ""
-    return render_page(
-        title,
-        subtitle=subtitle,
-        body_html=body,
-        figure={"data": traces, "layout": layout},
-        after_plot_html=table,
-        extra={"neuronpedia_base": base_url},
-        script=_asset("diffing.js"),
-    )
-
-
-def _diagonal(rng: list[float]) -> dict[str, Any]:
-    return {
-        "type": "line",
-        "xref": "x",
-        "yref": "y",
-        "x0": rng[0],
-        "y0": rng[0],
-        "x1": rng[1],
-        "y1": rng[1],
-        "layer": "above",
-        "line": {"color": "#888", "width": 1, "dash": "dash"},
+    if opts["plot"] == "exclusive":
+        df = df[df["_cat"] != 3]
+    df = df.assign(_rest=df["_cat"] == 3).sort_values(["_rest", "_tt", "feature_id"], kind="stable")
+    cols: dict[str, tuple[Any, str]] = {
+        "fid": (df["feature_id"].to_numpy(), "u32"),
+        "tt": (df["_tt"].to_numpy(), "u8"),
+        "cat": ((df["_cat"] + 4 * df["_inc"]).to_numpy(), "u8"),
     }
+    for j, metric in enumerate(metrics):
+        cols[f"x{j}"] = (df[f"{m0}_{metric}"].to_numpy(dtype="float64"), "f32")
+        cols[f"y{j}"] = (df[f"{m1}_{metric}"].to_numpy(dtype="float64"), "f32")
+    totals = {
+        tt: [_count_total(summary, "n_target", tt), _count_total(summary, "n_control", tt)]
+        for tt in token_types
+    }
+    name_m, layer = model_label(models, models_info)
+    webgl = len(df) > WEBGL_POINTS if webgl is None else webgl
+
+    with page_data(out_path) as data:
+        n_ids, items = _detail_items(features, models, token_types, has_desc)
+        detail = data.items("feat", items, per=DETAIL_PER)
+        points = data.columns("pts", cols)
+        extra = {
+            "data": data.meta,
+            "feat": detail,
+            "points": points,
+            "models": models,
+            "token_types": token_types,
+            "totals": totals,
+            "metrics": metrics,
+            "metric_names": [METRIC_NAMES.get(m, m) for m in metrics],
+            "palette": PALETTE,
+            "inconsistent_color": INCONSISTENT,
+            "kind": "scattergl" if webgl else "scatter",
+            "neuronpedia_base": base_url,
+            "plot": opts["plot"],
+            "plot_title": f"{m0} → {m1} SAE features",
+            "plot_subtitle": f"{name_m}, residual stream post-layer {layer}" if layer else name_m,
+        }
+        layout: dict[str, Any] = {
+            "template": "plotly_white",
+            "hovermode": "closest",
+            "hoverlabel": {"align": "left"},
+            "margin": {"t": 70, "l": 60, "r": 20, "b": 50},
+            "legend": {"groupclick": "togglegroup", "title": {"text": "Activation position"}},
+            "xaxis": {"constrain": "domain", "zeroline": False},
+            "yaxis": {
+                "scaleanchor": "x",
+                "scaleratio": 1,
+                "constrain": "domain",
+                "zeroline": False,
+            },
+        }
+        name = analysis.get("name", "")
+        where = f"{name_m}, layer {layer}" if layer else name_m
+        title = f"Diffing {name}: {m0} → {m1} ({where})" if name else f"Diffing {m0} → {m1}"
+        parts = [f"SAE {analysis['sae']}" if analysis.get("sae") else ""]
+        if analysis.get("target"):
+            parts.append(f"target {analysis['target']}")
+        if analysis.get("control"):
+            parts.append(f"control {analysis['control']}")
+        shown = "target-exclusive features" if opts["plot"] == "exclusive" else "all features"
+        parts.append(f"{shown} ({points['n']} points)")
+        subtitle = ", ".join(p for p in parts if p)
+        summary_rows = [
+            [k, fmt_num(v) if isinstance(v, int | float) else v] for k, v in _flatten(summary)
+        ]
+        options = "".join(
+            f'<option value="{j}">{esc(METRIC_NAMES.get(m, m))} ({esc(m)})</option>'
+            for j, m in enumerate(metrics)
+        )
+        body = (
+            '<div class="controls"><label>Metric: '
+            f'<select id="metric">{options}</select></label></div>\n'
+            '<p class="note">Symbols: star = target-exclusive for both models, circle = '
+            f"{esc(m0)} only, square = {esc(m1)} only"
+            + (", small dot = not exclusive" if opts["plot"] == "all" else "")
+            + ". A red border (own legend entry) marks a feature that is also active on the other "
+            "model's control prompts. The dashed diagonal is no change."
+            + (" Click a point to open the feature on Neuronpedia." if base_url else "")
+            + "</p>\n"
+        )
+        after = '<div id="detail" class="detail note">Hover a feature for its details.</div>\n'
+        if summary_rows:
+            after += html_table(["summary", "value"], summary_rows)
+        return render_page(
+            title,
+            subtitle=subtitle,
+            body_html=body,
+            figure={"data": [], "layout": layout},
+            after_plot_html=after,
+            extra=extra,
+            assets=["diffing.js"],
+        )
 
 
 def write_diffing_page(
@@ -342,14 +307,21 @@ def write_diffing_page(
     out_path: str | os.PathLike,
     analysis: dict[str, Any],
     neuronpedia: str | None = None,
+    models_info: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Read features.parquet + summary.json and write the page atomically."""
+    """Read features.parquet + summary.json and write the page and its shards atomically."""
     try:
         features = pd.read_parquet(features_path)
     except (OSError, ValueError) as err:
         raise DataError(f"{features_path}: cannot read parquet ({err})") from None
     summary = read_json(summary_path) if summary_path else {}
     page = build_diffing_page(
-        features, summary, analysis, neuronpedia=neuronpedia, source=str(features_path)
+        features,
+        summary,
+        analysis,
+        out_path,
+        neuronpedia=neuronpedia,
+        models_info=models_info,
+        source=str(features_path),
     )
     return write_page(out_path, page)

@@ -22,12 +22,15 @@ import yaml
 from saeflow.errors import DataError
 from saeflow.io import atomic_dir
 from saeflow.report.common import PLOTLY_JS, esc, plotlyjs_source, render_page, write_page
+from saeflow.report.shards import data_dir
 
 KIND_TITLES = {
     "umap": "UMAP embeddings",
     "diffing": "Model diffing",
     "similarity": "Similarity",
     "metrics": "SAE metrics",
+    "geometry": "Feature geometry",
+    "mfa": "Mixture of factor analyzers",
 }
 _TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
@@ -106,7 +109,8 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 def write_site(
     pages: Sequence[str | os.PathLike], config: dict[str, Any] | None, site_dir: str | os.PathLike
 ) -> Path:
-    """One flat folder with index.html, every page and plotly.min.js (hard links where possible)."""
+    """One flat folder with index.html, every page, its shard folder and plotly.min.js (hard
+    links where possible)."""
     names = [Path(p).name for p in pages]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes or "index.html" in names:
@@ -114,6 +118,14 @@ def write_site(
     with atomic_dir(site_dir) as tmp:
         for page in pages:
             _link_or_copy(Path(page), tmp / Path(page).name)
+            shards = data_dir(page)
+            if shards.is_dir():
+                shutil.copytree(
+                    shards,
+                    tmp / shards.name,
+                    copy_function=_link_or_copy,
+                    ignore=shutil.ignore_patterns(".*"),
+                )
         site_pages = [tmp / n for n in names]
         (tmp / "index.html").write_text(build_index(site_pages, config, tmp), encoding="utf-8")
         shutil.copyfile(plotlyjs_source(), tmp / PLOTLY_JS)
