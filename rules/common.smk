@@ -48,7 +48,7 @@ MODEL_SAES_TEMPORAL = [
 ]
 WHEELS = sorted(
     {
-        sfc.wheel_dir(m["wheel"]).rsplit("/", 1)[1]: m["wheel"]
+        Path(sfc.wheel_dir(m["wheel"])).name: m["wheel"]
         for m in config["models"].values()
         if m.get("source") == "wheel"
     }.items()
