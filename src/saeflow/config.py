@@ -214,6 +214,11 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
         _need(config, "models", spec["model"], f"{key}.model")
         if spec.get("source") == "organism" and "train" not in spec:
             raise ConfigError(f"{key}: an organism SAE needs a train section")
+        if spec.get("source") == "organism" and models[spec["model"]].get("source") != "organism":
+            raise ConfigError(
+                f"{key}.source = 'organism': models.{spec['model']} is not an organism model; "
+                "drop source (a train section trains an SAE for any model)"
+            )
         if "train" in spec:
             if spec["format"] not in ("saelens", "temporal"):
                 raise ConfigError(
