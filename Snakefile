@@ -56,6 +56,7 @@ except ConfigError as err:
 
 include: "rules/common.smk"
 include: "rules/organism.smk"
+include: "rules/fetch.smk"
 include: "rules/data.smk"
 include: "rules/activations.smk"
 include: "rules/sae.smk"

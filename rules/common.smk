@@ -40,6 +40,24 @@ ORGANISM_SAES_TEMPORAL = [
     for n, s in config.get("saes", {}).items()
     if s.get("source") == "organism" and s["format"] == "temporal"
 ]
+# SAEs with a train section on any other model: trained by the same rules into results/saes/.
+MODEL_SAES_TOPK = [
+    n
+    for n, s in config.get("saes", {}).items()
+    if "train" in s and s.get("source") != "organism" and s["format"] != "temporal"
+]
+MODEL_SAES_TEMPORAL = [
+    n
+    for n, s in config.get("saes", {}).items()
+    if "train" in s and s.get("source") != "organism" and s["format"] == "temporal"
+]
+WHEELS = sorted(
+    {
+        Path(sfc.wheel_dir(m["wheel"])).name: m["wheel"]
+        for m in config["models"].values()
+        if m.get("source") == "wheel"
+    }.items()
+)
 
 
 wildcard_constraints:
@@ -75,12 +93,14 @@ def model_files(model):
     spec = sfc.model_spec(config, model)
     if config["models"][model].get("source") == "organism":
         return [spec["path"]]
-    return [spec["path"]] if Path(spec["path"]).is_dir() else []
+    if config["models"][model].get("source") == "wheel":
+        return [sfc.wheel_dir(config["models"][model]["wheel"])]
+    return [spec["path"]] if Path(spec["path"]).exists() else []
 
 
 def sae_files(sae):
     spec = sfc.sae_spec(config, sae)
-    if config["saes"][sae].get("source") == "organism":
+    if "train" in config["saes"][sae]:
         return [spec["path"]]
     if "repo" not in spec and Path(spec["path"]).exists():
         return [spec["path"]]
@@ -109,6 +129,10 @@ def sae_params(wildcards):
 
 def sae_train_params(wildcards):
     return canonical(config["saes"][wildcards.sae]["train"])
+
+
+def wheel_requirement(wildcards):
+    return dict(WHEELS)[wildcards.wheel]
 
 
 def analysis_params(wildcards):

@@ -1,6 +1,6 @@
-"""SAE training for the organism, sparse coding of cached activations, and SAE metrics."""
+"""SAE training (organism or any model), sparse coding of cached activations, and SAE metrics."""
 
-if ORGANISM_SAES_TOPK:
+if ORGANISM_SAES_TOPK or MODEL_SAES_TOPK:
 
     rule train_sae:
         input:
@@ -24,8 +24,15 @@ if ORGANISM_SAES_TOPK:
         script:
             "../scripts/train_sae.py"
 
+    # The same rule for SAEs with a train section on any other model.
+    use rule train_sae as train_model_sae with:
+        output:
+            directory(f"{R}/saes/{{sae}}"),
+        wildcard_constraints:
+            sae=_names_regex(MODEL_SAES_TOPK),
 
-if ORGANISM_SAES_TEMPORAL:
+
+if ORGANISM_SAES_TEMPORAL or MODEL_SAES_TEMPORAL:
 
     rule train_temporal_sae:
         input:
@@ -48,6 +55,12 @@ if ORGANISM_SAES_TEMPORAL:
             seed=RUNTIME["seed"],
         script:
             "../scripts/train_temporal_sae.py"
+
+    use rule train_temporal_sae as train_model_temporal_sae with:
+        output:
+            directory(f"{R}/saes/{{sae}}"),
+        wildcard_constraints:
+            sae=_names_regex(MODEL_SAES_TEMPORAL),
 
 
 rule encode_sae:

@@ -109,3 +109,66 @@ def test_bad_train_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train.k = 500"):
         train_sae([acts], tmp_path / "s", {"width": 64, "k": 500})
     assert not (tmp_path / "s").exists()
+
+
+def _split_shards(manifest: Path, per_shard: int) -> Path:
+    """Rewrite a one-shard cache as shards of `per_shard` sequences each (same rows)."""
+    folder = manifest.parent
+    table = pq.read_table(folder / "part-00000.parquet")
+    meta = json.loads(manifest.read_text())
+    seq = table.column("seq_id").to_numpy()
+    shards = []
+    for i, first in enumerate(range(0, int(seq.max()) + 1, per_shard)):
+        part = table.filter(
+            pa.compute.and_(
+                pa.compute.greater_equal(table["seq_id"], first),
+                pa.compute.less(table["seq_id"], first + per_shard),
+            )
+        )
+        name = f"part-{i:05d}.parquet"
+        pq.write_table(part, folder / name)
+        n_seq = len(set(part.column("seq_id").to_pylist()))
+        shards.append({"file": name, "n_tokens": part.num_rows, "n_sequences": n_seq})
+    meta["shards"] = shards
+    sio.write_manifest(folder, meta)
+    return manifest
+
+
+@pytest.mark.parametrize("n_copies", [1, 3])
+def test_training_streams_with_bounded_memory(tmp_path: Path, n_copies: int) -> None:
+    """With a 120-token buffer and 5-sequence shards, what training holds at once stays under
+    buffer + one shard however many tokens there are, and the SAE still learns."""
+    acts = [
+        _split_shards(write_sparse_acts(tmp_path / f"acts{i}", seed=i), per_shard=5)
+        for i in range(n_copies)
+    ]
+    shard = 5 * L
+    cfg = {"datasets": ["x"], "width": 128, "k": 8, "steps": 200, "lr": 1e-2, "buffer_tokens": 120}
+    stats = train_sae(acts, tmp_path / "sae", cfg, seed=0)
+    assert stats["n_train_tokens"] == n_copies * (N_SEQ - N_SEQ // 10) * (L - 1)
+    assert 0 < stats["peak_buffer_tokens"] <= 120 + shard
+    assert stats["heldout_variance_explained"] >= 0.6
+    t_cfg = {
+        "datasets": ["x"],
+        "n_heads": 2,
+        "kval_topk": 8,
+        "steps": 20,
+        "batch_sequences": 4,
+        "buffer_tokens": 120,
+    }
+    t_stats = train_temporal_sae(acts, tmp_path / "t", t_cfg, seed=0)
+    assert 0 < t_stats["peak_buffer_tokens"] <= 120 + shard
+
+
+def test_stream_holds_out_every_tenth_sequence(tmp_path: Path) -> None:
+    from saeflow.sae.train import SequenceStream
+
+    acts = _split_shards(write_sparse_acts(tmp_path / "acts"), per_shard=7)
+    stream = SequenceStream([acts], 10, 10_000)
+    held = list(stream.sequences(held=True))
+    train = list(stream.sequences(held=False))
+    assert len(held) == N_SEQ // 10 and len(train) == N_SEQ - N_SEQ // 10
+    first = next(stream.windows())
+    assert sum(len(s) for s in first) == len(train) * L
+    with pytest.raises(ConfigError, match="buffer_tokens = 5"):
+        next(SequenceStream([acts], 10, 5).windows())

@@ -27,6 +27,8 @@ SCHEMA_PATH = ROOT / "schemas" / "config.schema.yaml"
 RESULTS = "results"
 ORGANISM_MODELS = f"{RESULTS}/organism/models"
 ORGANISM_SAES = f"{RESULTS}/organism/saes"
+TRAINED_SAES = f"{RESULTS}/saes"
+WHEELS = f"{RESULTS}/wheels"
 ORGANISM_CORPUS = f"{RESULTS}/organism/corpus"
 CODE_KINDS = ("pred", "novel", "total", "activations")
 
@@ -343,6 +345,8 @@ def model_n_layers(config: dict[str, Any], name: str) -> int | None:
     spec = config["models"][name]
     if spec.get("source") == "organism":
         return int(config["organism"]["base_lm"]["num_layers"])
+    if spec.get("gguf_file"):
+        return _gguf_n_layers(model_spec(config, name)["path"])
     cfg_path = _local_hf_config(spec["hf_name"], spec.get("revision"), config)
     if cfg_path is None:
         return None
@@ -352,6 +356,26 @@ def model_n_layers(config: dict[str, Any], name: str) -> int | None:
         if key in hf_cfg:
             return int(hf_cfg[key])
     return None
+
+
+def _gguf_n_layers(path: str) -> int | None:
+    """`{arch}.block_count` from a local GGUF file's header (None until it exists)."""
+    if not Path(path).is_file():
+        return None
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        return int(reader.fields[f"{arch}.block_count"].contents())
+    except (KeyError, ValueError, OSError) as err:
+        raise ConfigError(f"{path}: not a readable GGUF model file ({err})") from None
+
+
+def wheel_dir(requirement: str) -> str:
+    """results/wheels/NAME-VERSION for a `name==version` requirement."""
+    name, version = requirement.split("==")
+    return f"{WHEELS}/{name}-{version}"
 
 
 def _local_hf_config(hf_name: str, revision: str | None, config: dict[str, Any]) -> str | None:
@@ -424,6 +448,12 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
                 )
             if spec["organism"] not in ("base", "chat"):
                 raise ConfigError(f"{key}.organism = {spec['organism']!r}: must be base or chat")
+        elif spec.get("source") == "wheel":
+            if not spec.get("wheel") or not spec.get("gguf_file"):
+                raise ConfigError(
+                    f"{key}.source = 'wheel': needs wheel (name==version) and gguf_file (its path "
+                    "inside the unpacked wheel)"
+                )
         elif "hf_name" not in spec:
             raise ConfigError(
                 f"{key}: needs hf_name (a hub id or local folder) or source: organism"
@@ -459,9 +489,25 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
     for name, spec in config.get("saes", {}).items():
         key = f"saes.{name}"
         _need(config, "models", spec["model"], f"{key}.model")
-        if spec.get("source") == "organism":
-            if "train" not in spec:
-                raise ConfigError(f"{key}: an organism SAE needs a train section")
+        if spec.get("source") == "organism" and "train" not in spec:
+            raise ConfigError(f"{key}: an organism SAE needs a train section")
+        if spec.get("source") == "organism" and models[spec["model"]].get("source") != "organism":
+            raise ConfigError(
+                f"{key}.source = 'organism': models.{spec['model']} is not an organism model; "
+                "drop source (a train section trains an SAE for any model)"
+            )
+        if "train" in spec:
+            if spec["format"] not in ("saelens", "temporal"):
+                raise ConfigError(
+                    f"{key}.format = {spec['format']!r}: only saelens (topk) and temporal SAEs "
+                    "are trained in the graph"
+                )
+            for field in ("path", "repo"):
+                if field in spec:
+                    raise ConfigError(
+                        f"{key}.{field}: a trained SAE (train section) is written by the graph to "
+                        f"{sae_spec(config, name)['path']}; drop {field} or the train section"
+                    )
             for ds in spec["train"]["datasets"]:
                 _need(config, "datasets", ds, f"{key}.train.datasets")
         elif "path" not in spec and "repo" not in spec:
@@ -526,9 +572,16 @@ def model_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
     spec = dict(config["models"][name])
     if spec.get("source") == "organism":
         path = f"{ORGANISM_MODELS}/{spec['organism']}"
+    elif spec.get("source") == "wheel":
+        path = wheel_dir(spec["wheel"])
     else:
         path = resolve_path(spec["hf_name"], config)
+    extra = {}
+    if spec.get("gguf_file"):
+        path = f"{path.rstrip('/')}/{spec['gguf_file']}"
+        extra["gguf_file"] = spec["gguf_file"]
     return {
+        **extra,
         "name": name,
         "path": path,
         "revision": spec.get("revision"),
@@ -545,6 +598,8 @@ def sae_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
     spec["name"] = name
     if spec.get("source") == "organism":
         spec["path"] = f"{ORGANISM_SAES}/{name}"
+    elif "train" in config["saes"][name]:
+        spec["path"] = f"{TRAINED_SAES}/{name}"
     elif "repo" not in spec:
         spec["path"] = resolve_path(spec["path"], config)
     return spec

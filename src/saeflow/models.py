@@ -132,6 +132,34 @@ def _from_pretrained(cls: Any, path: str, config: Any, kwargs: dict[str, Any]) -
     return model
 
 
+def split_gguf(path: str | os.PathLike, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(folder, GGUF file name or None): a model path may name a `.gguf` file inside its folder.
+
+    transformers reads GGUF as `from_pretrained(folder, gguf_file=name)`; accepting the file's own
+    path lets every caller pass one string, as for a safetensors folder.
+    """
+    path = str(path)
+    if gguf_file is None and path.lower().endswith(".gguf"):
+        folder, name = os.path.split(path)
+        return folder or ".", name
+    return path, gguf_file
+
+
+def hf_load_kwargs(
+    path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The folder and the `from_pretrained` keywords shared by configs, tokenizers and models."""
+    folder, gguf = split_gguf(path, gguf_file)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    return folder, kwargs
+
+
 def load_lm(
     path: str | os.PathLike,
     *,
@@ -141,20 +169,26 @@ def load_lm(
     dtype: str | torch.dtype = "bfloat16",
     upto_layer: int | None = None,
     with_head: bool = False,
+    gguf_file: str | None = None,
 ) -> nn.Module:
     """Load a causal LM in eval mode, without gradients.
 
     With `upto_layer=L` and no head, only blocks 0..L are built and loaded (base model, no LM head)
     when the config allows; otherwise the full model loads and `capture_layer` stops the forward
     with a hook. `with_head=True` always loads the full causal LM (for CE loss and steering).
+    `path` may be a `.gguf` file (or pass `gguf_file`): transformers dequantises it to `dtype`.
+    On an accelerator the weights are loaded straight onto it (`device_map`, via accelerate), so
+    host RAM never holds the whole model; on CPU the load is the plain one.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    path = str(path)
+    path, common = hf_load_kwargs(
+        path, revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file
+    )
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    common = {"revision": revision, "trust_remote_code": trust_remote_code}
-    verify.model_folder(path, trust_remote_code)
+    if "gguf_file" not in common:
+        verify.model_folder(path, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, **common)
     except (OSError, ValueError) as err:
@@ -162,7 +196,7 @@ def load_lm(
     n_layers = n_layers_of(config)
     if upto_layer is not None and not 0 <= upto_layer < n_layers:
         raise ConfigError(f"layer: {upto_layer} is out of range for {path} ({n_layers} layers)")
-    kwargs = {**common, "dtype": dtype}
+    kwargs = {**common, "dtype": dtype, **device_map_kwargs(device)}
 
     model = None
     if with_head:
@@ -182,7 +216,8 @@ def load_lm(
                 break
         if model is None:
             raise ConfigError(f"model {path}: could not be loaded (see warnings above)")
-    model.to(device)
+    if "device_map" not in kwargs:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     n_loaded = len(layer_modules(model))
@@ -196,6 +231,17 @@ def load_lm(
         device,
     )
     return model
+
+
+def device_map_kwargs(device: torch.device) -> dict[str, Any]:
+    """`device_map` for accelerators (weights stream onto the device); nothing for CPU.
+
+    A single-device map puts every module on `device` without accelerate's dispatch hooks, so the
+    loaded model is the same module tree as a CPU load moved there.
+    """
+    if torch.device(device).type == "cpu":
+        return {}
+    return {"device_map": {"": str(device)}}
 
 
 def model_inputs(

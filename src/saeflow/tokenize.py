@@ -66,11 +66,15 @@ def load_tokenizer(
     """`AutoTokenizer.from_pretrained` with a one-line error naming the model."""
     from transformers import AutoTokenizer
 
-    verify.tokenizer_folder(model_path)
+    from saeflow.models import hf_load_kwargs
+
+    folder, kwargs = hf_load_kwargs(
+        model_path, revision=revision, trust_remote_code=trust_remote_code
+    )
+    if "gguf_file" not in kwargs:
+        verify.tokenizer_folder(folder)
     try:
-        return AutoTokenizer.from_pretrained(
-            model_path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{model_path}: cannot load the tokenizer ({first})") from exc

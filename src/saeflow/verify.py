@@ -213,6 +213,8 @@ def model_folder(path: str | os.PathLike, trust_remote_code: bool) -> None:
     if not folder.is_dir():
         return
     cfg_path = folder / "config.json"
+    if not cfg_path.is_file() and any(folder.glob("*.gguf")):
+        return  # a GGUF model: config, weights and tokenizer are inside the GGUF file
     if not cfg_path.is_file():
         raise DataError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
     try:
@@ -249,6 +251,8 @@ def _known(cfg: Mapping[str, Any]) -> bool:
 def tokenizer_folder(path: str | os.PathLike) -> None:
     """A local folder has at least one tokenizer vocabulary file."""
     folder = Path(path)
+    if folder.is_dir() and any(folder.glob("*.gguf")):
+        return  # the tokenizer is read from the GGUF file
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DataError(
             f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them "

@@ -114,6 +114,8 @@ def read_unembedding(
     `fold_ln` does for SAEDashboard); Gemma's norms scale by `1 + w`.
     """
     model_path = str(model_path)
+    if model_path.lower().endswith(".gguf"):
+        return _gguf_unembedding(model_path, fold_final_norm)
     files = _weight_files(model_path, revision)
     key = next((k for k in UNEMBED_KEYS if k in files), None)
     if key is None:
@@ -133,6 +135,30 @@ def read_unembedding(
                 gain_D = 1.0 + gain_D
             if gain_D.shape == (W_U_VD.shape[1],):
                 W_U_VD = W_U_VD * gain_D[None, :]
+    return np.ascontiguousarray(W_U_VD, dtype=np.float32)
+
+
+def _gguf_unembedding(path: str, fold_final_norm: bool) -> np.ndarray:
+    """W_U [V, D] from a GGUF file: `output.weight`, or the tied `token_embd.weight`.
+
+    Only these two tensors are dequantised. llama.cpp stores the final norm's full gain (Gemma's
+    `1 + w` already added), so it is folded in as stored.
+    """
+    from gguf import GGUFReader, dequantize
+
+    if not Path(path).is_file():
+        raise DataError(f"{path}: GGUF file not found")
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    key = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if key not in tensors:
+        raise DataError(f"{path}: no output.weight or token_embd.weight tensor")
+    t = tensors[key]
+    W_U_VD = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    if fold_final_norm and "output_norm.weight" in tensors:
+        n = tensors["output_norm.weight"]
+        gain_D = np.asarray(dequantize(n.data, n.tensor_type), dtype=np.float32).reshape(-1)
+        if gain_D.shape == (W_U_VD.shape[1],):
+            W_U_VD = W_U_VD * gain_D[None, :]
     return np.ascontiguousarray(W_U_VD, dtype=np.float32)
 
 

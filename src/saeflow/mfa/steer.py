@@ -217,12 +217,11 @@ def run_mfa_steer(
     seed: int = 0,
 ) -> dict[str, Any]:
     """mfa_steer rule: logit-change table (parquet) and a JSON with the run's checks."""
-    from transformers import AutoTokenizer
-
     from saeflow.io import atomic_path, write_json
     from saeflow.mfa import resolve_settings
     from saeflow.mfa.model import load_mfa
     from saeflow.models import load_lm
+    from saeflow.tokenize import load_tokenizer
     from saeflow.utils import seed_everything
 
     s = resolve_settings(settings)
@@ -240,9 +239,7 @@ def run_mfa_steer(
     d_model = _d_model(lm)
     if d_model is not None and d_model != mfa.D:
         raise ConfigError(f"{mfa_path}: MFA has D={mfa.D} but {lm_path} has hidden size {d_model}")
-    tokenizer = AutoTokenizer.from_pretrained(
-        lm_path, revision=revision, trust_remote_code=trust_remote_code
-    )
+    tokenizer = load_tokenizer(str(lm_path), revision=revision, trust_remote_code=trust_remote_code)
     components = default_components(mfa, steer["component"])
     z_R = resolve_z(steer, mfa.R)
     df, checks = steer_logit_changes(

@@ -1,4 +1,4 @@
-"""`load_sae(spec)`: the four published SAE layouts, from a local folder or a hub repo.
+"""`load_sae(spec)`: the five published SAE layouts, from a local folder or a hub repo.
 
 - saelens: `cfg.json` + `sae_weights.safetensors` (W_enc [d_in, d_sae], W_dec [d_sae, d_in],
   b_enc, b_dec, threshold); architectures standard (ReLU), topk, jumprelu.
@@ -6,6 +6,8 @@
 - temporal: `conf.yaml` + `latest_ckpt.safetensors` (or `latest_ckpt.pt`, weights only).
 - dictionary_learning: `ae.pt` (weights only) + `config.json` (`trainer.dict_class`): AutoEncoder,
   AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder.
+- sparsify: one folder per hookpoint with `cfg.json` + `sae.safetensors` (EleutherAI sparsify
+  TopK / GroupMax SAEs and transcoders; `saeflow.sae.sparsify`).
 
 A spec is `{format, path}` (a local folder, or a weights file inside one) or
 `{format, repo, path, revision}` (hub; files are fetched with `huggingface_hub.hf_hub_download`).
@@ -34,7 +36,7 @@ from saeflow.sae.temporal import TemporalSAE
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("saelens", "gemmascope", "temporal", "dictionary_learning")
+FORMATS = ("saelens", "gemmascope", "temporal", "dictionary_learning", "sparsify")
 FILE_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth", ".json", ".yaml", ".yml")
 
 
@@ -434,7 +436,16 @@ def _load_temporal(spec: dict[str, Any]) -> TemporalSAE:
     return sae
 
 
+# -- EleutherAI sparsify ----------------------------------------------------------------------
+def _load_sparsify(spec: dict[str, Any]) -> BaseSAE:
+    """One hookpoint folder of a sparsify run (`saeflow.sae.sparsify`)."""
+    from saeflow.sae.sparsify import load_sparsify
+
+    return load_sparsify(spec)
+
+
 LOADERS = {
+    "sparsify": _load_sparsify,
     "saelens": _load_saelens,
     "gemmascope": _load_gemmascope,
     "temporal": _load_temporal,

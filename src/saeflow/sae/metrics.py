@@ -51,7 +51,7 @@ import torch.nn.functional as F  # noqa: N812
 from tqdm import tqdm
 
 from saeflow import io as sio
-from saeflow.errors import DataError
+from saeflow.errors import ConfigError, DataError
 from saeflow.sae.encode import sequence_batches, sequence_spans
 from saeflow.sae.formats import load_sae
 from saeflow.sae.models import BaseSAE, check_sae_matches
@@ -287,6 +287,11 @@ def sae_metrics(
     name = sae_spec.get("name", "sae")
     sae = load_sae(dict(sae_spec), device=device) if sae is None else sae.to(device)
     check_sae_matches(sae, int(acts_manifest["d_model"]), f"saes.{name} on {acts_dir}")
+    if getattr(sae, "transcode", False):
+        raise ConfigError(
+            f"saes.{name}: a transcoder predicts {sae.metadata.get('hook_name_out')}, not its "
+            "input; reconstruction metrics against its input are not defined (drop eval_datasets)"
+        )
     if int(codes_manifest["n_tokens"]) != int(acts_manifest["n_tokens"]):
         raise DataError(
             f"{codes_path}: {codes_manifest['n_tokens']} tokens of codes but the activations have "

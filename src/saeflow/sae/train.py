@@ -1,4 +1,4 @@
-"""Train the organism's SAEs on its cached activations, saved in their published layouts.
+"""Train SAEs on any model's cached activations, saved in their published layouts.
 
 - `train_sae`: a TopK SAE (Gao et al. 2024 recipe at small scale) saved in the SAELens layout
   (`cfg.json` + `sae_weights.safetensors`).
@@ -9,6 +9,11 @@ Both load back through `load_sae`, which is how everything downstream sees them,
 `training.json` with the held-out variance explained (every 10th sequence is held out; position 0
 is left out of the loss and of the metric, as in `sae_metrics`). Training runs on CPU in float32
 with a seeded generator, so the same config gives the same bytes.
+
+Activations are read as a stream (`SequenceStream`): training holds one window of at most
+`train.buffer_tokens` tokens (shuffled, each token used once per pass) plus the shard being read,
+so memory does not grow with the number of training tokens; data that fits in one window is read
+once. Normalisation and held-out statistics are accumulated in float64 over the same stream.
 
 Init (why it converges in a few hundred steps): inputs are rescaled so E||x||^2 = d_in, decoder
 rows are unit norm (TopK) or norm sqrt(1/lam) so that a feature reconstructs itself (temporal,
@@ -49,6 +54,7 @@ TOPK_DEFAULTS: dict[str, Any] = {
     "batch_tokens": 512,
     "lr": 2e-3,
     "holdout_every": 10,
+    "buffer_tokens": 262144,
 }
 TEMPORAL_DEFAULTS: dict[str, Any] = {
     "exp_factor": 4,
@@ -62,6 +68,7 @@ TEMPORAL_DEFAULTS: dict[str, Any] = {
     "batch_sequences": 8,
     "lr": 1e-2,
     "holdout_every": 10,
+    "buffer_tokens": 262144,
 }
 PASSTHROUGH = ("datasets",)
 
@@ -71,7 +78,7 @@ def _settings(train_cfg: Mapping[str, Any] | None, defaults: dict[str, Any], key
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
         raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}")
-    for name in ("steps", "holdout_every"):
+    for name in ("steps", "holdout_every", "buffer_tokens"):
         if not isinstance(cfg[name], int) or cfg[name] < 1:
             raise ConfigError(f"{key}.{name} = {cfg[name]!r}: must be an integer >= 1")
     return cfg
@@ -91,36 +98,119 @@ def _single_thread() -> Iterator[None]:
 
 
 # -- data -------------------------------------------------------------------------------------
-def load_sequences(acts_paths: str | os.PathLike | Sequence) -> tuple[list[torch.Tensor], dict]:
-    """Every cached sequence of every activation directory, as float32 [L, D] tensors in order."""
-    from saeflow.activations import load_activations
+class SequenceStream:
+    """The cached sequences of activation directories, read shard by shard.
 
-    paths = [acts_paths] if isinstance(acts_paths, str | os.PathLike) else list(acts_paths)
-    if not paths:
-        raise ConfigError("train: no activation inputs (train.datasets is empty)")
-    seqs: list[torch.Tensor] = []
-    info: dict[str, Any] = {}
-    for path in paths:
-        manifest = sio.read_manifest(Path(path).parent if str(path).endswith(".json") else path)
-        info.setdefault("model", manifest.get("model"))
-        info.setdefault("layer", manifest.get("layer"))
-        seq_N, pos_N, acts_ND = load_activations(path)
-        offsets = sequence_spans(np.asarray(seq_N), np.asarray(pos_N), str(path))
-        acts_ND = acts_ND.float()
-        seqs += [acts_ND[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True) if b > a]
-    if not seqs:
-        raise DataError(f"{paths[0]}: no cached activations to train on")
-    info["d_in"] = int(seqs[0].shape[1])
-    return seqs, info
+    Every `every`-th sequence (counted over all directories in order) is held out. `windows()`
+    yields the training sequences in windows of at most `cap` tokens, cycling through the shards,
+    so what training holds at once is one window plus the shard being split, however many tokens
+    the datasets have; `peak_tokens` records the most it held.
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence, every: int, cap: int) -> None:
+        self.paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+        if not self.paths:
+            raise ConfigError("train: no activation inputs (train.datasets is empty)")
+        self.every, self.cap = int(every), int(cap)
+        self.peak_tokens = 0
+        self._shard_rows = 0
+        manifests = [sio.read_manifest(_acts_dir(p)) for p in self.paths]
+        widths = {int(m["d_model"]) for m in manifests}
+        if len(widths) != 1:
+            raise DataError(
+                f"train: the activation inputs have different widths {sorted(widths)} "
+                f"({', '.join(map(str, self.paths))})"
+            )
+        first = manifests[0]
+        self.info: dict[str, Any] = {
+            "model": first.get("model"),
+            "layer": first.get("layer"),
+            "hook": first.get("hook", "resid_post"),
+            "d_in": widths.pop(),
+        }
+
+    def sequences(self, *, held: bool) -> Iterator[torch.Tensor]:
+        """Held-out (or training) sequences as float32 [L, D], in cache order."""
+        from saeflow.activations import iter_activation_shards
+
+        index = 0
+        for path in self.paths:
+            for seq_N, pos_N, acts_ND in iter_activation_shards(path):
+                offsets = sequence_spans(np.asarray(seq_N), np.asarray(pos_N), str(path))
+                acts_ND = acts_ND.float()
+                self._shard_rows = len(acts_ND)
+                for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+                    if b <= a:
+                        continue
+                    is_held = index % self.every == self.every - 1
+                    index += 1
+                    if is_held == held:
+                        yield acts_ND[a:b]
+                self._shard_rows = 0
+
+    def windows(self) -> Iterator[list[torch.Tensor]]:
+        """Training sequences, <= cap tokens per window, forever; read once if they all fit."""
+        while True:
+            window: list[torch.Tensor] = []
+            n, passes = 0, 0
+            for seq in self.sequences(held=False):
+                if len(seq) > self.cap:
+                    raise ConfigError(
+                        f"train.buffer_tokens = {self.cap}: smaller than a sequence of "
+                        f"{len(seq)} tokens"
+                    )
+                if window and n + len(seq) > self.cap:
+                    passes += 1
+                    yield window
+                    window, n = [], 0
+                window.append(seq)
+                n += len(seq)
+                self.peak_tokens = max(self.peak_tokens, n + self._shard_rows)
+            if not window and not passes:
+                raise DataError(f"{self.paths[0]}: no cached activations to train on")
+            if not passes:
+                while True:
+                    yield window
+            if window:
+                yield window
 
 
-def split_sequences(seqs: list[torch.Tensor], every: int) -> tuple[list, list]:
-    """Every `every`-th sequence is held out (at least one sequence on each side)."""
-    held = [s for i, s in enumerate(seqs) if i % every == every - 1]
-    train = [s for i, s in enumerate(seqs) if i % every != every - 1]
-    if not held or not train:
-        raise DataError(f"train: {len(seqs)} sequences are too few to hold out every {every}th")
-    return train, held
+def _acts_dir(path: str | os.PathLike) -> Path:
+    return Path(path).parent if str(path).endswith(".json") else Path(path)
+
+
+class _Moments:
+    """Streaming sums for the mean, E||x||^2 and variance explained (float64)."""
+
+    def __init__(self, d: int) -> None:
+        self.n, self.sumsq, self.sse = 0, 0.0, 0.0
+        self.sum_D = torch.zeros(d, dtype=torch.float64)
+
+    def add(self, x_ND: torch.Tensor, recon_ND: torch.Tensor | None = None) -> None:
+        x = x_ND.double()
+        self.n += len(x)
+        self.sumsq += float(x.pow(2).sum())
+        self.sum_D += x.sum(0)
+        if recon_ND is not None:
+            self.sse += float((x - recon_ND.double()).pow(2).sum())
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum_D / max(self.n, 1)).float()
+
+    def variance_explained(self) -> float:
+        """1 - SSE / sum ||x - mean(x)||^2, the formula `sae_metrics` uses."""
+        sst = self.sumsq - float(self.sum_D.pow(2).sum()) / self.n
+        return float(1 - self.sse / sst)
+
+
+def _train_moments(stream: SequenceStream) -> _Moments:
+    """Moments of the training tokens without position 0 (the attention sink)."""
+    moments = _Moments(stream.info["d_in"])
+    for seq in stream.sequences(held=False):
+        moments.add(seq[1:])
+    if moments.n == 0:
+        raise DataError(f"train: {stream.paths[0]}: no training tokens after position 0")
+    return moments
 
 
 def variance_explained(x_ND: torch.Tensor, recon_ND: torch.Tensor) -> float:
@@ -129,10 +219,6 @@ def variance_explained(x_ND: torch.Tensor, recon_ND: torch.Tensor) -> float:
     sse = ((x - recon_ND.double()) ** 2).sum()
     sst = ((x - x.mean(0)) ** 2).sum()
     return float(1 - sse / sst)
-
-
-def _no_pos0(seqs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([s[1:] for s in seqs])
 
 
 # -- TopK SAE ---------------------------------------------------------------------------------
@@ -151,7 +237,7 @@ def _saelens_files(out: Path, tensors: dict[str, torch.Tensor], k: int, info: di
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
             "model_name": info.get("model"),
-            "hook_name": f"blocks.{info.get('layer')}.hook_resid_post",
+            "hook_name": f"blocks.{info.get('layer')}.hook_{info.get('hook') or 'resid_post'}",
             "hook_head_index": None,
             "prepend_bos": True,
             "sae_lens_version": "6.0.0",
@@ -181,29 +267,29 @@ def _train_topk(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]:
     if cfg["architecture"] != "topk":
         raise ConfigError(f"train.architecture = {cfg['architecture']!r}: only topk is trained")
     seed_everything(seed)
-    seqs, info = load_sequences(acts_paths)
-    train_seqs, held_seqs = split_sequences(seqs, cfg["holdout_every"])
-    x_ND = _no_pos0(train_seqs)
+    stream = SequenceStream(acts_paths, cfg["holdout_every"], cfg["buffer_tokens"])
+    info = stream.info
     d, width, k = info["d_in"], int(cfg["width"]), int(cfg["k"])
     if not 1 <= k <= width:
         raise ConfigError(f"train.k = {k}: must be between 1 and train.width = {width}")
-    scale = float(x_ND.pow(2).sum(-1).mean().div(d).sqrt())
-    xn = x_ND / scale
+    moments = _train_moments(stream)
+    scale = float(np.sqrt(moments.sumsq / moments.n / d))
 
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(width, d, generator=g)
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     W_enc = W_dec.T.clone()
     b_enc = torch.zeros(width)
-    b_dec = xn.mean(0)
+    b_dec = moments.mean() / scale
     params = [p.requires_grad_() for p in (W_enc, b_enc, W_dec, b_dec)]
     opt = torch.optim.Adam(params, lr=float(cfg["lr"]))
     steps, batch = int(cfg["steps"]), int(cfg["batch_tokens"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 5 * (1 - s / steps)))
+    batches = _token_batches(stream, scale, batch, g)
     bar = tqdm(range(steps), desc="train topk SAE", file=sys.stderr, mininterval=5.0)
     loss = torch.zeros(())
     for _ in bar:
-        x = xn[torch.randint(len(xn), (batch,), generator=g)]
+        x = next(batches)
         pre = (x - b_dec) @ W_enc + b_enc
         vals, idx = pre.topk(k, dim=-1)
         recon = F.embedding_bag(idx, W_dec, per_sample_weights=vals.relu(), mode="sum") + b_dec
@@ -217,6 +303,7 @@ def _train_topk(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]:
         with torch.no_grad():
             W_dec /= W_dec.norm(dim=-1, keepdim=True)
     bar.close()
+    batches.close()
 
     tensors = {
         "W_enc": (W_enc.detach() / scale),
@@ -228,12 +315,13 @@ def _train_topk(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]:
     with sio.atomic_dir(out_dir) as tmp:
         _saelens_files(tmp, tensors, k, info)
         sae = load_sae({"format": "saelens", "path": str(tmp)})
-        stats = _heldout_stats(sae, held_seqs, temporal=False)
+        stats = _heldout_stats(sae, stream, temporal=False)
         stats.update(
             kind="topk",
             final_train_loss=float(loss.detach()) * scale**2,
-            n_train_tokens=len(x_ND),
+            n_train_tokens=moments.n,
             norm_scale=scale,
+            peak_buffer_tokens=stream.peak_tokens,
             seed=seed,
             config=cfg,
         )
@@ -242,23 +330,46 @@ def _train_topk(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]:
     return stats
 
 
+def _token_batches(
+    stream: SequenceStream, scale: float, batch: int, g: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Batches of normalised training tokens (no position 0): each window is shuffled and used
+    once before the next is read; a window smaller than a batch is sampled with replacement."""
+    for window in stream.windows():
+        xn_ND = torch.cat([s[1:] for s in window]) / scale
+        if len(xn_ND) == 0:
+            continue
+        if len(xn_ND) < batch:
+            yield xn_ND[torch.randint(len(xn_ND), (batch,), generator=g)]
+            continue
+        order = torch.randperm(len(xn_ND), generator=g)
+        for start in range(0, len(xn_ND) - batch + 1, batch):
+            yield xn_ND[order[start : start + batch]]
+
+
 @torch.inference_mode()
-def _heldout_stats(sae, held_seqs: list[torch.Tensor], *, temporal: bool) -> dict[str, Any]:
-    xs, recons, fired = [], [], torch.zeros(sae.d_sae, dtype=torch.bool)
-    for s in held_seqs:
+def _heldout_stats(sae, stream: SequenceStream, *, temporal: bool) -> dict[str, Any]:
+    """Held-out reconstruction, one sequence at a time (position 0 left out, as in metrics)."""
+    moments = _Moments(sae.d_in)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    n_seqs = 0
+    for s in stream.sequences(held=True):
         out = sae(s.unsqueeze(0) if temporal else s)
         recon = out.recon[0] if temporal else out.recon
         novel = out.novel[0] if temporal else out.novel
-        xs.append(s[1:])
-        recons.append(recon[1:])
+        moments.add(s[1:], recon[1:])
         fired |= (novel[1:] != 0).any(0)
-    x, r = torch.cat(xs), torch.cat(recons)
+        n_seqs += 1
+    if n_seqs == 0 or moments.n == 0:
+        raise DataError(
+            f"train: {stream.paths[0]}: too few sequences to hold out every {stream.every}th"
+        )
     return {
-        "heldout_variance_explained": variance_explained(x, r),
-        "heldout_mse": float(((x - r) ** 2).mean()),
+        "heldout_variance_explained": moments.variance_explained(),
+        "heldout_mse": moments.sse / (moments.n * sae.d_in),
         "heldout_dead_fraction": float(1 - fired.float().mean()),
-        "n_heldout_tokens": len(x),
-        "n_heldout_sequences": len(held_seqs),
+        "n_heldout_tokens": moments.n,
+        "n_heldout_sequences": n_seqs,
     }
 
 
@@ -288,12 +399,12 @@ def train_temporal_sae(
 def _train_temporal(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]:
     cfg = _settings(train_cfg, TEMPORAL_DEFAULTS, "train")
     seed_everything(seed)
-    seqs, info = load_sequences(acts_paths)
-    train_seqs, held_seqs = split_sequences(seqs, cfg["holdout_every"])
+    stream = SequenceStream(acts_paths, cfg["holdout_every"], cfg["buffer_tokens"])
+    info = stream.info
     d = info["d_in"]
     width = int(round(d * float(cfg["exp_factor"])))
-    x_all = _no_pos0(train_seqs)
-    scaling = float(x_all.pow(2).sum(-1).mean().div(d).rsqrt())
+    moments = _train_moments(stream)
+    scaling = float(np.sqrt(d * moments.n / moments.sumsq))
 
     torch.manual_seed(seed)
     sae = TemporalSAE(
@@ -311,18 +422,18 @@ def _train_temporal(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]
     with torch.no_grad():
         D = torch.randn(width, d)
         sae.D.copy_(D / D.norm(dim=-1, keepdim=True) * (1 / sae.lam) ** 0.5)
-        sae.b.copy_((x_all * scaling).mean(0))
+        sae.b.copy_(moments.mean() * scaling)
         if not sae.tied_weights:
             sae.E.copy_(sae.D.T)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(sae.parameters(), lr=float(cfg["lr"]))
     steps, batch = int(cfg["steps"]), int(cfg["batch_sequences"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 5 * (1 - s / steps)))
+    batches = _sequence_batches(stream, batch, g)
     bar = tqdm(range(steps), desc="train temporal SAE", file=sys.stderr, mininterval=5.0)
     loss = torch.zeros(())
     for _ in bar:
-        pick = torch.randint(len(train_seqs), (batch,), generator=g).tolist()
-        x, mask = _pad([train_seqs[i] for i in pick])
+        x, mask = _pad(next(batches))
         out = sae(x)
         err = ((out.recon - x) * scaling) ** 2
         loss = err.sum(-1)[mask].mean()
@@ -331,6 +442,7 @@ def _train_temporal(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]
         opt.step()
         sched.step()
     bar.close()
+    batches.close()
     sae.eval()
 
     out_dir = Path(out_dir)
@@ -341,15 +453,29 @@ def _train_temporal(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]
         state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
         save_file(state, str(tmp / "latest_ckpt.safetensors"))
         loaded = load_sae({"format": "temporal", "path": str(tmp)})
-        stats = _heldout_stats(loaded, held_seqs, temporal=True)
+        stats = _heldout_stats(loaded, stream, temporal=True)
         stats.update(
             kind="temporal",
             final_train_loss=float(loss.detach()) / scaling**2,
-            n_train_tokens=len(x_all),
+            n_train_tokens=moments.n,
             scaling_factor=scaling,
+            peak_buffer_tokens=stream.peak_tokens,
             seed=seed,
             config=cfg,
         )
         sio.write_json(tmp / "training.json", stats)
     log.info("temporal SAE: held-out variance explained %.4f", stats["heldout_variance_explained"])
     return stats
+
+
+def _sequence_batches(
+    stream: SequenceStream, batch: int, g: torch.Generator
+) -> Iterator[list[torch.Tensor]]:
+    """Batches of whole training sequences; each window is shuffled and used once."""
+    for window in stream.windows():
+        if len(window) < batch:
+            yield [window[i] for i in torch.randint(len(window), (batch,), generator=g).tolist()]
+            continue
+        order = torch.randperm(len(window), generator=g).tolist()
+        for start in range(0, len(window) - batch + 1, batch):
+            yield [window[i] for i in order[start : start + batch]]
