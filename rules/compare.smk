@@ -80,7 +80,9 @@ def steer_sae_params(wildcards):
 
 def compare_pages():
     pages = [f"{REP}/repsim-{a['name']}.html" for a in analyses_of("rep_similarity")]
-    pages += [f"{REP}/families-{a['name']}.html" for a in analyses_of("feature_families")]
+    pages += [
+        f"{REP}/families-{a['name']}.html" for a in analyses_of("feature_families")
+    ]
     pages += [f"{REP}/pairs-{a['name']}.html" for a in analyses_of("match_features")]
     pages += [f"{REP}/steer-{a['name']}.html" for a in analyses_of("sae_steer")]
     return pages

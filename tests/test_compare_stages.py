@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -29,9 +28,17 @@ def tiny_llama(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("llama")
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(path))
@@ -44,8 +51,15 @@ def tiny_sae(scale: float = 1.0) -> SAE:
     g = torch.Generator().manual_seed(2)
     W_dec = torch.randn(F, D, generator=g)
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
-    return SAE(W_dec.T.clone(), torch.zeros(F), W_dec, torch.zeros(D), activation="relu",
-               input_scale=scale, normalize="scalar" if scale != 1.0 else "none")
+    return SAE(
+        W_dec.T.clone(),
+        torch.zeros(F),
+        W_dec,
+        torch.zeros(D),
+        activation="relu",
+        input_scale=scale,
+        normalize="scalar" if scale != 1.0 else "none",
+    )
 
 
 def test_decoder_rows_undo_input_scaling():
@@ -60,8 +74,18 @@ def test_steer_alpha_zero_is_no_op_and_steered_feature_moves(tiny_llama):
     sae = tiny_sae()
     dirs = decoder_rows(sae, [1, 5])
     df, runs = steer_sae_features(
-        model, tok, sae, dirs, LAYER, prompts=["a b c"], features=[1, 5], alphas=[0.0, 6.0],
-        top_logits=3, max_new_tokens=2, top_moved=3, chat=False,
+        model,
+        tok,
+        sae,
+        dirs,
+        LAYER,
+        prompts=["a b c"],
+        features=[1, 5],
+        alphas=[0.0, 6.0],
+        top_logits=3,
+        max_new_tokens=2,
+        top_moved=3,
+        chat=False,
     )
     zero = [r for r in runs if r["alpha"] == 0.0]
     assert max(r["max_abs_logit_delta"] for r in zero) < 1e-5

@@ -1,4 +1,4 @@
-"""Representation-similarity measures: closed forms, and numbers against scipy/sklearn/naive numpy."""
+"""Representation-similarity measures: closed forms; numbers against scipy/sklearn/naive numpy."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 from scipy.linalg import subspace_angles
 from scipy.spatial import procrustes as scipy_procrustes
 
-from saeflow.compare import measures as M
+from saeflow.compare import measures as ms
 
 
 def _side(X, pca_dim=8, knn_k=5):
-    return M.prepare_side(X, pca_dim=pca_dim, svcca_variance=0.99, max_dim=64, knn_k=knn_k)
+    return ms.prepare_side(X, pca_dim=pca_dim, svcca_variance=0.99, max_dim=64, knn_k=knn_k)
 
 
 def _naive_cka(X, Y):
@@ -55,8 +55,8 @@ def data():
 def test_identical_inputs_give_one(data):
     X, _ = data
     a = _side(X)
-    out = M.all_measures(a, _side(X.copy()))
-    for m in M.SIMILARITIES:
+    out = ms.all_measures(a, _side(X.copy()))
+    for m in ms.SIMILARITIES:
         assert out[m] == pytest.approx(1.0, abs=1e-9), m
     assert out["procrustes"] == pytest.approx(0.0, abs=1e-6)
 
@@ -65,49 +65,51 @@ def test_rotation_leaves_cka_cca_unchanged(data):
     X, Y = data
     rng = np.random.default_rng(1)
     Q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
-    base = M.all_measures(_side(X), _side(Y))
-    rot = M.all_measures(_side(X @ Q), _side(Y))
+    base = ms.all_measures(_side(X), _side(Y))
+    rot = ms.all_measures(_side(X @ Q), _side(Y))
     for m in ("cka", "cka_debiased", "cca", "svcca", "mknn"):
         assert rot[m] == pytest.approx(base[m], abs=1e-9), m
     # rotation of X against itself: Procrustes finds the map back
-    assert M.all_measures(_side(X @ Q), _side(X))["procrustes"] == pytest.approx(0, abs=1e-6)
+    assert ms.all_measures(_side(X @ Q), _side(X))["procrustes"] == pytest.approx(0, abs=1e-6)
 
 
 def test_independent_noise_sits_at_baseline():
     rng = np.random.default_rng(2)
     X, Y = rng.normal(size=(300, 10)), rng.normal(size=(300, 8))
-    res = M.compare_with_permutations(_side(X), _side(Y), n_perm=30, rng=rng)
+    res = ms.compare_with_permutations(_side(X), _side(Y), n_perm=30, rng=rng)
     for m, r in res.items():
         assert r["p"] > 0.01, (m, r)
         assert r["z"] is None or abs(r["z"]) < 4, (m, r)
     assert abs(res["cka_debiased"]["value"]) < 0.05
-    related = M.compare_with_permutations(_side(X), _side(X[:, :6] + 0.1 * Y[:, :6]), n_perm=30, rng=rng)
-    for m in M.MEASURES:
+    related = ms.compare_with_permutations(
+        _side(X), _side(X[:, :6] + 0.1 * Y[:, :6]), n_perm=30, rng=rng
+    )
+    for m in ms.MEASURES:
         assert related[m]["p"] == pytest.approx(1 / 31), m
 
 
 def test_cka_against_naive_gram(data):
     X, Y = data
-    Xc, Yc = M.prepare(X), M.prepare(Y)
-    assert M.linear_cka(Xc, Yc) == pytest.approx(_naive_cka(Xc, Yc), rel=1e-9)
-    assert M.debiased_cka(Xc, Yc) == pytest.approx(_naive_debiased(Xc, Yc), rel=1e-9)
+    Xc, Yc = ms.prepare(X), ms.prepare(Y)
+    assert ms.linear_cka(Xc, Yc) == pytest.approx(_naive_cka(Xc, Yc), rel=1e-9)
+    assert ms.debiased_cka(Xc, Yc) == pytest.approx(_naive_debiased(Xc, Yc), rel=1e-9)
     # raw (uncentred) data through `prepare` gives the same numbers
-    assert M.linear_cka(M.prepare(X + 5), M.prepare(Y - 3)) == pytest.approx(
-        M.linear_cka(Xc, Yc), rel=1e-12
+    assert ms.linear_cka(ms.prepare(X + 5), ms.prepare(Y - 3)) == pytest.approx(
+        ms.linear_cka(Xc, Yc), rel=1e-12
     )
 
 
 def test_cca_against_scipy_and_sklearn(data):
     X, Y = data
-    Xc, Yc = M.prepare(X), M.prepare(Y)
-    qx, qy = M.pca_basis(Xc, dim=6), M.pca_basis(Yc, dim=6)
-    ours = M.canonical_correlations(qx, qy)
+    Xc, Yc = ms.prepare(X), ms.prepare(Y)
+    qx, qy = ms.pca_basis(Xc, dim=6), ms.pca_basis(Yc, dim=6)
+    ours = ms.canonical_correlations(qx, qy)
     ref = np.sort(np.cos(subspace_angles(qx, qy)))[::-1]
     np.testing.assert_allclose(ours, ref, atol=1e-9)
     # full-rank CCA's first canonical correlation against sklearn's CCA (iterative NIPALS)
     from sklearn.cross_decomposition import CCA
 
-    full = M.canonical_correlations(M.pca_basis(Xc), M.pca_basis(Yc))
+    full = ms.canonical_correlations(ms.pca_basis(Xc), ms.pca_basis(Yc))
     xs, ys = CCA(n_components=1, max_iter=5000, tol=1e-12).fit(X, Y).transform(X, Y)
     assert full[0] == pytest.approx(abs(np.corrcoef(xs[:, 0], ys[:, 0])[0, 1]), abs=1e-4)
 
@@ -116,7 +118,7 @@ def test_procrustes_against_scipy(data):
     X, Y = data
     Y12 = np.hstack([Y, np.random.default_rng(3).normal(size=(200, 3))])
     _, _, disparity = scipy_procrustes(X, Y12)
-    d = M.procrustes_distance(M.prepare(X), M.prepare(Y12))
+    d = ms.procrustes_distance(ms.prepare(X), ms.prepare(Y12))
     # scipy: disparity = 1 - ||X^T Y||_*^2 ; ours: d^2 = 2 - 2 ||X^T Y||_*
     assert d**2 == pytest.approx(2 - 2 * np.sqrt(1 - disparity), abs=1e-9)
 
@@ -125,7 +127,7 @@ def test_mknn_against_sklearn(data):
     from sklearn.neighbors import NearestNeighbors
 
     X, Y = data
-    Xc, Yc = M.prepare(X), M.prepare(Y)
+    Xc, Yc = ms.prepare(X), ms.prepare(Y)
     k = 7
 
     def nn(A):
@@ -133,27 +135,27 @@ def test_mknn_against_sklearn(data):
         return [set(r[r != i][:k]) for i, r in enumerate(idx)]
 
     ref = np.mean([len(a & b) / k for a, b in zip(nn(Xc), nn(Yc), strict=True)])
-    assert M.mutual_knn(M.knn_sets(Xc, k), M.knn_sets(Yc, k)) == pytest.approx(ref)
+    assert ms.mutual_knn(ms.knn_sets(Xc, k), ms.knn_sets(Yc, k)) == pytest.approx(ref)
     # the permuted form equals the measure on explicitly permuted rows
     perm = np.random.default_rng(4).permutation(len(Y))
-    direct = M.mutual_knn(M.knn_sets(Xc, k), M.knn_sets(Yc[perm], k))
-    assert M.mutual_knn(M.knn_sets(Xc, k), M.knn_sets(Yc, k), perm) == pytest.approx(direct)
+    direct = ms.mutual_knn(ms.knn_sets(Xc, k), ms.knn_sets(Yc[perm], k))
+    assert ms.mutual_knn(ms.knn_sets(Xc, k), ms.knn_sets(Yc, k), perm) == pytest.approx(direct)
 
 
 def test_zero_variance_columns_dropped_no_nan(data):
     X, Y = data
     Xd = np.hstack([X, np.zeros((200, 3)), np.full((200, 1), 7.0)])
-    assert M.prepare(Xd).shape[1] == 12
-    out = M.all_measures(_side(Xd), _side(Y))
+    assert ms.prepare(Xd).shape[1] == 12
+    out = ms.all_measures(_side(Xd), _side(Y))
     assert all(np.isfinite(v) for v in out.values())
-    empty = M.all_measures(_side(np.zeros((200, 4))), _side(Y))
+    empty = ms.all_measures(_side(np.zeros((200, 4))), _side(Y))
     assert all(np.isfinite(v) for v in empty.values())
 
 
 def test_svcca_keeps_variance_components():
     rng = np.random.default_rng(5)
     X = rng.normal(size=(100, 3)) @ rng.normal(size=(3, 10))  # rank 3
-    assert M.pca_basis(M.prepare(X), dim=50, variance=0.99).shape[1] <= 3
+    assert ms.pca_basis(ms.prepare(X), dim=50, variance=0.99).shape[1] <= 3
 
 
 def test_subspace_null_from_random_columns():
@@ -161,7 +163,7 @@ def test_subspace_null_from_random_columns():
     Z = rng.normal(size=(300, 3))
     X = np.hstack([Z, rng.normal(size=(300, 30))])
     Y = np.hstack([Z @ rng.normal(size=(3, 3)), rng.normal(size=(300, 30))])
-    res = M.compare_subspaces(
+    res = ms.compare_subspaces(
         X, Y, np.arange(3), np.arange(3), n_random=20, rng=rng, side_fn=lambda A: _side(A, 3)
     )
     assert res["cca"]["value"] > 0.99

@@ -44,9 +44,21 @@ def families_table(
     rows = rows[counts >= min_children].sort_values(["source_feature", "rank"])
     if rows.empty:
         return pd.DataFrame(
-            columns=["parent", "child", "rank", "corr", "decoder_cos", "split_ratio",
-                     "parent_density", "child_density", "density_ratio", "p_child_given_parent",
-                     "p_parent_given_child", "coverage", "children_jaccard"]
+            columns=[
+                "parent",
+                "child",
+                "rank",
+                "corr",
+                "decoder_cos",
+                "split_ratio",
+                "parent_density",
+                "child_density",
+                "density_ratio",
+                "p_child_given_parent",
+                "p_parent_given_child",
+                "coverage",
+                "children_jaccard",
+            ]
         )
     n = P.shape[0]
     Pb = (P.tocsc() > 0).astype(np.int32)
@@ -136,8 +148,12 @@ def run_feature_families(
     else:
         P, C, parent_sae, child_sae = B, A, names[1], names[0]
     table = families_table(
-        read_matches(matches_path), P, C, parent_sae=parent_sae,
-        threshold=float(analysis["threshold"]), min_children=int(analysis["min_children"]),
+        read_matches(matches_path),
+        P,
+        C,
+        parent_sae=parent_sae,
+        threshold=float(analysis["threshold"]),
+        min_children=int(analysis["min_children"]),
     )
     tok_df = load_tokens(tokens_path)
     by_seq = dict(zip(tok_df["seq_id"].astype(int), tok_df["tokens"], strict=True))
@@ -150,8 +166,12 @@ def run_feature_families(
     table["parent_tokens"] = [sorted(labels_p[p]) for p in table["parent"]]
     table["child_tokens"] = [sorted(labels_c[c]) for c in table["child"]]
     summary = {
-        "name": analysis["name"], "match": match["name"], "parent_sae": parent_sae,
-        "child_sae": child_sae, "d_parent": int(P.shape[1]), "d_child": int(C.shape[1]),
+        "name": analysis["name"],
+        "match": match["name"],
+        "parent_sae": parent_sae,
+        "child_sae": child_sae,
+        "d_parent": int(P.shape[1]),
+        "d_child": int(C.shape[1]),
         "threshold": float(analysis["threshold"]),
         **families_summary(table, P.shape[1]),
     }

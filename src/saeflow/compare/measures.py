@@ -50,7 +50,9 @@ def prepare(X_NP: np.ndarray, rtol: float = 1e-8) -> np.ndarray:
     return np.ascontiguousarray(X[:, sd > rtol * scale])
 
 
-def pca_basis(X_NP: np.ndarray, dim: int | None = None, variance: float | None = None) -> np.ndarray:
+def pca_basis(
+    X_NP: np.ndarray, dim: int | None = None, variance: float | None = None
+) -> np.ndarray:
     """Orthonormal [N, k] basis of the top principal components of centred X.
 
     `dim` fixes k; `variance` takes the fewest components whose explained variance reaches it
@@ -59,7 +61,7 @@ def pca_basis(X_NP: np.ndarray, dim: int | None = None, variance: float | None =
     if X_NP.shape[1] == 0:
         return np.zeros((X_NP.shape[0], 0))
     U, S, _ = np.linalg.svd(X_NP, full_matrices=False)
-    keep = int((S > S[0] * 1e-10).sum()) if S.size and S[0] > 0 else 0
+    keep = int((S[0] * 1e-10 < S).sum()) if S.size and S[0] > 0 else 0
     if variance is not None:
         ev = np.cumsum(S[:keep] ** 2) / max(float((S[:keep] ** 2).sum()), 1e-300)
         keep = min(keep, int(np.searchsorted(ev, variance - 1e-12) + 1))
@@ -223,7 +225,10 @@ def compare_with_permutations(
         for m, v in all_measures(a, b, perm).items():
             nulls[m].append(v)
     return {
-        m: {"value": obs[m], **null_stats(obs[m], np.array(nulls[m]), larger_is_similar=m not in DISTANCES)}
+        m: {
+            "value": obs[m],
+            **null_stats(obs[m], np.array(nulls[m]), larger_is_similar=m not in DISTANCES),
+        }
         for m in MEASURES
     }
 
@@ -252,9 +257,14 @@ def compare_subspaces(
     for _ in range(n_random):
         rx = rng.choice(pool_x, size=min(len(cols_x), len(pool_x)), replace=False)
         ry = rng.choice(pool_y, size=min(len(cols_y), len(pool_y)), replace=False)
-        for m, v in all_measures(side_fn(X_NF[:, np.sort(rx)]), side_fn(Y_NG[:, np.sort(ry)])).items():
+        for m, v in all_measures(
+            side_fn(X_NF[:, np.sort(rx)]), side_fn(Y_NG[:, np.sort(ry)])
+        ).items():
             nulls[m].append(v)
     return {
-        m: {"value": obs[m], **null_stats(obs[m], np.array(nulls[m]), larger_is_similar=m not in DISTANCES)}
+        m: {
+            "value": obs[m],
+            **null_stats(obs[m], np.array(nulls[m]), larger_is_similar=m not in DISTANCES),
+        }
         for m in MEASURES
     }

@@ -87,16 +87,38 @@ def _measure_rows(table: pd.DataFrame) -> list[list[Any]]:
     rows = []
     for r in table.itertuples():
         rows.append(
-            [r.subspace, r.a, r.b, r.measure, f"{r.dim_a}×{r.dim_b}", fmt_num(r.value),
-             fmt_num(r.null_mean), fmt_num(r.null_std), _fmt_z(r), fmt_num(r.p), r.baseline]
+            [
+                r.subspace,
+                r.a,
+                r.b,
+                r.measure,
+                f"{r.dim_a}×{r.dim_b}",
+                fmt_num(r.value),
+                fmt_num(r.null_mean),
+                fmt_num(r.null_std),
+                _fmt_z(r),
+                fmt_num(r.p),
+                r.baseline,
+            ]
         )
     return rows
 
 
 def write_repsim_page(out_path: str | Path, table: pd.DataFrame, summary: dict[str, Any]) -> Path:
     """`reports/repsim-{name}.html`: the heatmap, every number with its null, keyword subspaces."""
-    header = ["subspace", "A", "B", "measure", "dims", "value", "null mean", "null sd", "z", "p",
-              "null"]
+    header = [
+        "subspace",
+        "A",
+        "B",
+        "measure",
+        "dims",
+        "value",
+        "null mean",
+        "null sd",
+        "z",
+        "p",
+        "null",
+    ]
     s = summary["settings"]
     intro = (
         f"{summary['n_tokens']} shared tokens (aligned by seq_id, pos; token ids checked equal"
@@ -111,15 +133,19 @@ def write_repsim_page(out_path: str | Path, table: pd.DataFrame, summary: dict[s
     kw = table[table["subspace"] != "all"]
     after = "<h2>All measures</h2>\n" + html_table(header, _measure_rows(full))
     if summary.get("keywords"):
-        feats = [[k["subspace"], k["source"], len(k["features"]), " ".join(map(str, k["features"][:40]))]
-                 for k in summary["keywords"]]
+        feats = [
+            [k["subspace"], k["source"], len(k["features"]), " ".join(map(str, k["features"][:40]))]
+            for k in summary["keywords"]
+        ]
         after += "<h2>Keyword subspaces</h2>\n" + _NOTE.format(
             "Features whose top activating tokens mostly match the words "
             f"({esc(s.get('keywords', {}).get('words'))}), compared across the two SAEs."
         )
         after += html_table(["subspace", "source", "features", "ids"], feats)
-        after += html_table(header, _measure_rows(kw)) if len(kw) else _NOTE.format(
-            "no pair of sources had matching features on both sides"
+        after += (
+            html_table(header, _measure_rows(kw))
+            if len(kw)
+            else _NOTE.format("no pair of sources had matching features on both sides")
         )
     page = render_page(
         f"Representation similarity: {summary['name']}",
@@ -150,7 +176,8 @@ def _alpha_table(g: pd.DataFrame, alphas: list[float], fmt: str) -> str:
             for d in ("+", "-"):
                 r = cells.get((np.float32(a), d, rank))
                 tds.append(
-                    "<td></td>" if r is None
+                    "<td></td>"
+                    if r is None
                     else f"<td>{esc(_visible(r.label))} ({format(r.delta, fmt)})</td>"
                 )
         body.append(f"<tr><td>{rank + 1}</td>{''.join(tds)}</tr>\n")
@@ -174,16 +201,22 @@ def write_steer_page(out_path: str | Path, steer: pd.DataFrame, info: dict[str, 
         )
     ]
     runs = pd.DataFrame(info["runs"])
-    for (p_idx, feat), g in (steer.groupby(["prompt_idx", "feature"], sort=True) if len(steer) else []):
+    for (p_idx, feat), g in (
+        steer.groupby(["prompt_idx", "feature"], sort=True) if len(steer) else []
+    ):
         prompt = info["prompts"][int(p_idx)]
-        parts.append(f"<h2>Prompt {int(p_idx)}: “{esc(_visible(prompt))}” — feature {int(feat)}</h2>\n")
+        parts.append(
+            f"<h2>Prompt {int(p_idx)}: “{esc(_visible(prompt))}” — feature {int(feat)}</h2>\n"
+        )
         parts.append("<h3>Logit changes at the last position</h3>\n")
         parts.append(_alpha_table(g[g["kind"] == "logit"], alphas, "+.3f"))
         parts.append("<h3>Features that move when re-encoded</h3>\n")
         parts.append(_alpha_table(g[g["kind"] == "feature"], alphas, "+.3f"))
         r = runs[(runs["prompt_idx"] == p_idx) & (runs["feature"] == feat)]
         rows = [["unsteered", _visible(r["base_continuation"].iloc[0])]] if len(r) else []
-        rows += [[f"α={a:g}", _visible(c)] for a, c in zip(r["alpha"], r["continuation"], strict=True)]
+        rows += [
+            [f"α={a:g}", _visible(c)] for a, c in zip(r["alpha"], r["continuation"], strict=True)
+        ]
         parts.append("<h3>Greedy continuations</h3>\n" + html_table(["", "continuation"], rows))
     page = render_page(
         f"SAE steering: {info['name']}",
@@ -193,22 +226,36 @@ def write_steer_page(out_path: str | Path, steer: pd.DataFrame, info: dict[str, 
     return write_page(out_path, page, ship_plotlyjs=False)
 
 
-def pairs_figure(scatters: list[tuple[int, int, np.ndarray, np.ndarray, list[str]]], sides: tuple[str, str]) -> go.Figure:
+def pairs_figure(
+    scatters: list[tuple[int, int, np.ndarray, np.ndarray, list[str]]], sides: tuple[str, str]
+) -> go.Figure:
     """Activation of A against B for one pair at a time (dropdown), hover = context."""
     fig = go.Figure()
     for t, (fa, fb, xa, xb, hover) in enumerate(scatters):
         fig.add_trace(
             go.Scatter(
-                x=np.round(xa, 4).tolist(), y=np.round(xb, 4).tolist(), mode="markers",
-                hovertext=hover, hoverinfo="text", visible=t == 0, name=f"{fa} ↔ {fb}",
+                x=np.round(xa, 4).tolist(),
+                y=np.round(xb, 4).tolist(),
+                mode="markers",
+                hovertext=hover,
+                hoverinfo="text",
+                visible=t == 0,
+                name=f"{fa} ↔ {fb}",
                 marker={"size": 6, "opacity": 0.6},
             )
         )
     buttons = [
-        {"label": f"A{fa} ↔ B{fb}", "method": "update",
-         "args": [{"visible": [k == t for k in range(len(scatters))]},
-                  {"xaxis.title.text": esc_label(f"{sides[0]} feature {fa}"),
-                   "yaxis.title.text": esc_label(f"{sides[1]} feature {fb}")}]}
+        {
+            "label": f"A{fa} ↔ B{fb}",
+            "method": "update",
+            "args": [
+                {"visible": [k == t for k in range(len(scatters))]},
+                {
+                    "xaxis.title.text": esc_label(f"{sides[0]} feature {fa}"),
+                    "yaxis.title.text": esc_label(f"{sides[1]} feature {fb}"),
+                },
+            ],
+        }
         for t, (fa, fb, *_rest) in enumerate(scatters)
     ]
     first = scatters[0] if scatters else (0, 0)
@@ -216,7 +263,9 @@ def pairs_figure(scatters: list[tuple[int, int, np.ndarray, np.ndarray, list[str
         title="Activation of A vs B on tokens where either fires",
         xaxis_title=esc_label(f"{sides[0]} feature {first[0]}"),
         yaxis_title=esc_label(f"{sides[1]} feature {first[1]}"),
-        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.12}] if buttons else [],
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.12}]
+        if buttons
+        else [],
         showlegend=False,
     )
     return fig
@@ -233,29 +282,59 @@ def write_pairs_page(
 ) -> Path:
     """`reports/pairs-{match}.html`: labelled mutual pairs, their scatters, redundant pairs."""
     rows = [
-        [r.feature_a, r.feature_b, fmt_num(r.corr), fmt_num(r.decoder_cos), fmt_num(r.jaccard_top),
-         " ".join(r.top_a), " ".join(r.top_b), r.n_both, r.n_a_only, r.n_b_only,
-         ", ".join(r.a_only_tokens), ", ".join(r.b_only_tokens)]
+        [
+            r.feature_a,
+            r.feature_b,
+            fmt_num(r.corr),
+            fmt_num(r.decoder_cos),
+            fmt_num(r.jaccard_top),
+            " ".join(r.top_a),
+            " ".join(r.top_b),
+            r.n_both,
+            r.n_a_only,
+            r.n_b_only,
+            ", ".join(r.a_only_tokens),
+            ", ".join(r.b_only_tokens),
+        ]
         for r in pairs.itertuples()
     ]
     table = html_table(
-        ["A", "B", "corr", "decoder cos", "Jaccard top tokens", "top tokens A", "top tokens B",
-         "both fire", "A only", "B only", "A-only tokens", "B-only tokens"], rows
+        [
+            "A",
+            "B",
+            "corr",
+            "decoder cos",
+            "Jaccard top tokens",
+            "top tokens A",
+            "top tokens B",
+            "both fire",
+            "A only",
+            "B only",
+            "A-only tokens",
+            "B-only tokens",
+        ],
+        rows,
     )
-    red_rows = [[r.sae, r.feature, r.other, fmt_num(r.corr), fmt_num(r.decoder_cos)]
-                for r in redundant.head(200).itertuples()]
+    red_rows = [
+        [r.sae, r.feature, r.other, fmt_num(r.corr), fmt_num(r.decoder_cos)]
+        for r in redundant.head(200).itertuples()
+    ]
     after = (
-        f"<h2>Mutual pairs ({len(pairs)})</h2>\n" + table
+        f"<h2>Mutual pairs ({len(pairs)})</h2>\n"
+        + table
         + f"<h2>Redundant pairs inside one SAE ({len(redundant)})</h2>\n"
-        + _NOTE.format("Self-match without the diagonal: each feature's best other feature of the "
-                       "same SAE, kept above the threshold (first 200 shown).")
+        + _NOTE.format(
+            "Self-match without the diagonal: each feature's best other feature of the "
+            "same SAE, kept above the threshold (first 200 shown)."
+        )
         + html_table(["SAE", "feature", "other", "corr", "decoder cos"], red_rows)
     )
     page = render_page(
         f"Matched pairs: {name}",
         subtitle=f"A = {sides[0]}, B = {sides[1]}",
         body_html=_NOTE.format(
-            "Jaccard of the distinct top activating tokens; counts of tokens where both fire, where "
+            "Jaccard of the distinct top activating tokens; counts of tokens where both fire, "
+            "where "
             "only A fires (B is zero) and the reverse, with their most frequent tokens."
         ),
         figure=pairs_figure(scatters, sides) if scatters else None,
@@ -271,19 +350,23 @@ def family_tree_html(table: pd.DataFrame, max_families: int) -> str:
     """
     if table.empty:
         return _NOTE.format("no family passes the threshold")
-    fams = table.drop_duplicates("parent").sort_values(["split_ratio", "parent"], ascending=[False, True])
+    fams = table.drop_duplicates("parent").sort_values(
+        ["split_ratio", "parent"], ascending=[False, True]
+    )
     parts = ['<ul class="tree">\n']
     for fam in fams.head(max_families).itertuples():
         kids = table[table["parent"] == fam.parent].sort_values("rank")
         head = (
-            f"parent {fam.parent} → {fam.split_ratio} children · density {fmt_num(fam.parent_density)}"
-            f" · coverage {fmt_num(fam.coverage)} · children Jaccard {fmt_num(fam.children_jaccard)}"
+            f"parent {fam.parent} → {fam.split_ratio} children"
+            f" · density {fmt_num(fam.parent_density)} · coverage {fmt_num(fam.coverage)}"
+            f" · children Jaccard {fmt_num(fam.children_jaccard)}"
             f" · tokens: {' '.join(fam.parent_tokens)}"
         )
         items = "".join(
             f"<li>child {k.child}: corr {fmt_num(k.corr)}, decoder cos {fmt_num(k.decoder_cos)}, "
             f"density ×{fmt_num(k.density_ratio)}, P(c|p) {fmt_num(k.p_child_given_parent)}, "
-            f"P(p|c) {fmt_num(k.p_parent_given_child)} · tokens: {esc(' '.join(k.child_tokens))}</li>\n"
+            f"P(p|c) {fmt_num(k.p_parent_given_child)} · "
+            f"tokens: {esc(' '.join(k.child_tokens))}</li>\n"
             for k in kids.itertuples()
         )
         parts.append(
@@ -300,8 +383,11 @@ def write_families_page(
     """`reports/families-{name}.html`: headline numbers and one tree per family."""
     facts = html_table(
         ["measure", "value"],
-        [[k, fmt_num(v) if not isinstance(v, dict) else esc(v)] for k, v in summary.items()
-         if k not in ("name",)],
+        [
+            [k, fmt_num(v) if not isinstance(v, dict) else esc(v)]
+            for k, v in summary.items()
+            if k not in ("name",)
+        ],
     )
     intro = _NOTE.format(
         f"Parents: features of {esc(summary['parent_sae'])} ({summary['d_parent']}); children: "

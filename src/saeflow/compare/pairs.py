@@ -28,7 +28,9 @@ import scipy.sparse as sp
 log = logging.getLogger(__name__)
 
 
-def top_token_sets(csr: sp.csr_matrix, features: np.ndarray, tokens: list[str], top_n: int) -> list[set[str]]:
+def top_token_sets(
+    csr: sp.csr_matrix, features: np.ndarray, tokens: list[str], top_n: int
+) -> list[set[str]]:
     """Distinct stripped token strings of each feature's top-`top_n` activations."""
     from saeflow.geometry.top_examples import norm_token
 
@@ -48,13 +50,18 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if (a or b) else 0.0
 
 
-def one_sided(col_a: np.ndarray, col_b: np.ndarray, tokens: list[str], n: int = 5) -> dict[str, Any]:
+def one_sided(
+    col_a: np.ndarray, col_b: np.ndarray, tokens: list[str], n: int = 5
+) -> dict[str, Any]:
     """Counts of both / A-only / B-only tokens and the most frequent token strings of each side."""
     a, b = col_a > 0, col_b > 0
     only_a, only_b = np.flatnonzero(a & ~b), np.flatnonzero(b & ~a)
 
     def common(rows: np.ndarray) -> list[str]:
-        return [f"{t} ({c})" for t, c in Counter(tokens[r].strip() or tokens[r] for r in rows).most_common(n)]
+        return [
+            f"{t} ({c})"
+            for t, c in Counter(tokens[r].strip() or tokens[r] for r in rows).most_common(n)
+        ]
 
     return {
         "n_both": int((a & b).sum()),
@@ -66,7 +73,13 @@ def one_sided(col_a: np.ndarray, col_b: np.ndarray, tokens: list[str], n: int = 
 
 
 def label_pairs(
-    matches: pd.DataFrame, A: sp.csr_matrix, B: sp.csr_matrix, tokens: list[str], *, n_pairs: int, top_n: int
+    matches: pd.DataFrame,
+    A: sp.csr_matrix,
+    B: sp.csr_matrix,
+    tokens: list[str],
+    *,
+    n_pairs: int,
+    top_n: int,
 ) -> pd.DataFrame:
     """One row per labelled pair: the `n_pairs` mutual pairs with the highest correlation."""
     m = matches[(matches["direction"] == "a_to_b") & matches["mutual"]]
@@ -98,7 +111,7 @@ def label_pairs(
 def redundant_pairs(
     codes: sp.csr_matrix, W_dec_FD: np.ndarray | None, *, threshold: float, sae: str
 ) -> pd.DataFrame:
-    """Pairs (f < g) of one SAE whose activations correlate above `threshold` (self-match, no diagonal)."""
+    """Pairs (f < g) of one SAE correlating above `threshold` (a self-match, no diagonal)."""
     from saeflow.geometry.matching import decoder_cosine, match_features
 
     res = match_features(codes, codes, top_k=2)
@@ -110,10 +123,14 @@ def redundant_pairs(
     c = corr[f, other_col]
     keep = (g >= 0) & (g != f) & (c >= threshold) & ~res.dead_a
     lo, hi = np.minimum(f, g)[keep], np.maximum(f, g)[keep]
-    df = pd.DataFrame({"feature": lo, "other": hi, "corr": c[keep]}).drop_duplicates(["feature", "other"])
+    df = pd.DataFrame({"feature": lo, "other": hi, "corr": c[keep]}).drop_duplicates(
+        ["feature", "other"]
+    )
     df.insert(0, "sae", sae)
     if W_dec_FD is not None and len(df):
-        df["decoder_cos"] = decoder_cosine(W_dec_FD, W_dec_FD, df["feature"].to_numpy(), df["other"].to_numpy())
+        df["decoder_cos"] = decoder_cosine(
+            W_dec_FD, W_dec_FD, df["feature"].to_numpy(), df["other"].to_numpy()
+        )
     else:
         df["decoder_cos"] = np.float32(np.nan)
     return df.sort_values(["corr", "feature"], ascending=[False, True]).reset_index(drop=True)
@@ -162,14 +179,21 @@ def run_label_pairs(
     by_seq = dict(zip(tok_df["seq_id"].astype(int), tok_df["tokens"], strict=True))
     tokens = [str(by_seq[int(s)][int(p)]) for s, p in zip(seq, pos, strict=True)]
     pairs = label_pairs(
-        read_matches(matches_path), A, B, tokens, n_pairs=int(lab["n_pairs"]), top_n=int(lab["top_n"])
+        read_matches(matches_path),
+        A,
+        B,
+        tokens,
+        n_pairs=int(lab["n_pairs"]),
+        top_n=int(lab["top_n"]),
     )
     W_a = load_decoder(sae_a_spec) if sae_a_spec else None
     W_b = load_decoder(sae_b_spec) if sae_b_spec else None
     names = (side_label(analysis["a"]), side_label(analysis["b"]))
     red = [redundant_pairs(A, W_a, threshold=float(lab["redundant_threshold"]), sae=names[0])]
     if names[1] != names[0]:
-        red.append(redundant_pairs(B, W_b, threshold=float(lab["redundant_threshold"]), sae=names[1]))
+        red.append(
+            redundant_pairs(B, W_b, threshold=float(lab["redundant_threshold"]), sae=names[1])
+        )
     redundant = pd.concat(red, ignore_index=True)
     with atomic_path(out_pairs) as tmp:
         pairs.to_parquet(tmp, compression="zstd", index=False)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from saeflow.compare import measures as M
+from saeflow.compare import measures as ms
 from saeflow.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def source_label(spec: dict[str, Any]) -> str:
 
 
 def load_source(spec: dict[str, Any]) -> Source:
-    """Activations (`spec['path']` a layer folder) or codes (an SAE code folder) as a dense matrix."""
+    """Activations (`path` a layer folder) or codes (an SAE code folder) as a dense matrix."""
     if spec.get("sae"):
         from saeflow.codes import load_codes
 
@@ -135,9 +135,9 @@ def keyword_features(
     Matching is exact after stripping whitespace and case (" King" matches `king`, "talking"
     does not), as the top-examples search does.
     """
-    from saeflow.geometry.top_examples import norm_token, top_activations
-
     import scipy.sparse as sp
+
+    from saeflow.geometry.top_examples import norm_token, top_activations
 
     wanted = {norm_token(w).lower() for w in words}
     top = top_activations(sp.csr_matrix(dense_NF), top_n)
@@ -181,20 +181,28 @@ def run_rep_similarity(
     }
     prepared = {}
     for s in tqdm(sources, desc="prepare sources", file=sys.stderr):
-        prepared[s.label] = M.prepare_side(s.dense[rows_of[s.label]], **opts)
+        prepared[s.label] = ms.prepare_side(s.dense[rows_of[s.label]], **opts)
     n_tokens = len(next(iter(rows_of.values())))
     records = []
     pairs = list(itertools.combinations(range(len(sources)), 2))
     for i, j in tqdm(pairs, desc="source pairs", file=sys.stderr):
         a, b = sources[i], sources[j]
         rng = np.random.default_rng([seed, i, j])
-        res = M.compare_with_permutations(
+        res = ms.compare_with_permutations(
             prepared[a.label], prepared[b.label], n_perm=int(analysis["n_null"]), rng=rng
         )
         for m, r in res.items():
             records.append(
-                {"subspace": "all", "a": a.label, "b": b.label, "measure": m, "baseline": "permutation",
-                 "dim_a": prepared[a.label].X.shape[1], "dim_b": prepared[b.label].X.shape[1], **r}
+                {
+                    "subspace": "all",
+                    "a": a.label,
+                    "b": b.label,
+                    "measure": m,
+                    "baseline": "permutation",
+                    "dim_a": prepared[a.label].X.shape[1],
+                    "dim_b": prepared[b.label].X.shape[1],
+                    **r,
+                }
             )
     keyword_info: list[dict[str, Any]] = []
     kw = analysis.get("keywords") or {}
@@ -207,8 +215,10 @@ def run_rep_similarity(
         "sources": [{k: v for k, v in s.items() if k not in ("path", "tokens")} for s in specs],
         "labels": labels,
         "n_tokens": n_tokens,
-        "measures": list(M.MEASURES),
-        "settings": {k: analysis[k] for k in sorted(analysis) if k not in ("sources", "name", "type")},
+        "measures": list(ms.MEASURES),
+        "settings": {
+            k: analysis[k] for k in sorted(analysis) if k not in ("sources", "name", "type")
+        },
         "dims": {s.label: int(prepared[s.label].X.shape[1]) for s in sources},
         "dims_dropped": {
             s.label: int(s.dense.shape[1] - prepared[s.label].X.shape[1]) for s in sources
@@ -248,7 +258,7 @@ def _keyword_records(
     words_sets = {"+".join(kw["words"]): list(kw["words"])}
     if kw.get("each"):
         words_sets.update({w: [w] for w in kw["words"]})
-    side_fn = lambda X: M.prepare_side(X, **opts)  # noqa: E731 - a closure over the options
+    side_fn = lambda X: ms.prepare_side(X, **opts)  # noqa: E731 - a closure over the options
     for name, words in words_sets.items():
         feats = {}
         for s in code_sources:
@@ -264,15 +274,28 @@ def _keyword_records(
                 continue
             Xa, Xb = a.dense[rows_of[a.label]], b.dense[rows_of[b.label]]
             live_a, live_b = Xa.std(axis=0) > 0, Xb.std(axis=0) > 0
-            res = M.compare_subspaces(
-                Xa, Xb, fa, fb,
+            res = ms.compare_subspaces(
+                Xa,
+                Xb,
+                fa,
+                fb,
                 n_random=int(analysis["n_null"]),
                 rng=np.random.default_rng([seed, 7, i, j, len(info)]),
-                side_fn=side_fn, live_x=live_a, live_y=live_b,
+                side_fn=side_fn,
+                live_x=live_a,
+                live_y=live_b,
             )
             for m, r in res.items():
                 records.append(
-                    {"subspace": name, "a": a.label, "b": b.label, "measure": m,
-                     "baseline": "random_subspace", "dim_a": len(fa), "dim_b": len(fb), **r}
+                    {
+                        "subspace": name,
+                        "a": a.label,
+                        "b": b.label,
+                        "measure": m,
+                        "baseline": "random_subspace",
+                        "dim_a": len(fa),
+                        "dim_b": len(fb),
+                        **r,
+                    }
                 )
     return info

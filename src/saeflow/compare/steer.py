@@ -66,7 +66,7 @@ def choose_features(codes: Any, n: int) -> list[int]:
 def moved_features(
     sae: Any, before_PD: torch.Tensor, after_PD: torch.Tensor, k: int
 ) -> list[tuple[str, int, float, float, float]]:
-    """(direction, feature, mean change, mean before, mean after) of the k largest moves each way."""
+    """(direction, feature, mean change, mean before, mean after): the k largest moves each way."""
     b = sae.encode(before_PD.float()).mean(dim=0)
     a = sae.encode(after_PD.float()).mean(dim=0)
     delta = a - b
@@ -104,7 +104,11 @@ def steer_sae_features(
     for p_idx, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, prompt, chat)
         clean: list[torch.Tensor] = []
-        with splice_layer(lm, layer, add_direction_fn(torch.zeros_like(next(iter(directions.values()))), 0.0, clean)):
+        with splice_layer(
+            lm,
+            layer,
+            add_direction_fn(torch.zeros_like(next(iter(directions.values()))), 0.0, clean),
+        ):
             base = last_logits(lm, ids)
         base_cont = greedy(lm, ids, max_new_tokens)
         for f in features:
@@ -117,29 +121,57 @@ def steer_sae_features(
                 key = {"prompt_idx": p_idx, "prompt": prompt, "feature": f, "alpha": float(alpha)}
                 for direction, rank, tok, value in top_changes(delta, top_logits):
                     rows.append(
-                        {**key, "kind": "logit", "direction": direction, "rank": rank, "id": tok,
-                         "label": tokenizer.decode([tok]), "delta": value,
-                         "before": float(base[tok]), "after": float(after[tok])}
+                        {
+                            **key,
+                            "kind": "logit",
+                            "direction": direction,
+                            "rank": rank,
+                            "id": tok,
+                            "label": tokenizer.decode([tok]),
+                            "delta": value,
+                            "before": float(base[tok]),
+                            "after": float(after[tok]),
+                        }
                     )
                 moved = moved_features(sae, clean[0][0].cpu(), rec[0][0].cpu(), top_moved)
                 ranks = {"+": 0, "-": 0}
                 for direction, g, d, b, a in moved:
                     rows.append(
-                        {**key, "kind": "feature", "direction": direction, "rank": ranks[direction],
-                         "id": g, "label": f"f{g}" + (" (steered)" if g == f else ""),
-                         "delta": d, "before": b, "after": a}
+                        {
+                            **key,
+                            "kind": "feature",
+                            "direction": direction,
+                            "rank": ranks[direction],
+                            "id": g,
+                            "label": f"f{g}" + (" (steered)" if g == f else ""),
+                            "delta": d,
+                            "before": b,
+                            "after": a,
+                        }
                     )
                     ranks[direction] += 1
                 runs.append(
-                    {**key, "continuation": tokenizer.decode(cont),
-                     "base_continuation": tokenizer.decode(base_cont),
-                     "max_abs_logit_delta": float(delta.abs().max())}
+                    {
+                        **key,
+                        "continuation": tokenizer.decode(cont),
+                        "base_continuation": tokenizer.decode(base_cont),
+                        "max_abs_logit_delta": float(delta.abs().max()),
+                    }
                 )
     df = pd.DataFrame(rows)
     if not df.empty:
-        df = df.astype({"prompt_idx": "int32", "feature": "int32", "alpha": "float32",
-                        "rank": "int32", "id": "int32", "delta": "float32", "before": "float32",
-                        "after": "float32"})
+        df = df.astype(
+            {
+                "prompt_idx": "int32",
+                "feature": "int32",
+                "alpha": "float32",
+                "rank": "int32",
+                "id": "int32",
+                "delta": "float32",
+                "before": "float32",
+                "after": "float32",
+            }
+        )
     return df, runs
 
 
@@ -167,9 +199,14 @@ def run_sae_steer(
 
     seed_everything(int(runtime.get("seed", 0)))
     device = resolve_device(runtime)
-    lm = load_lm(model["path"], revision=model.get("revision"),
-                 trust_remote_code=bool(model.get("trust_remote_code", False)),
-                 device=device, dtype=str(runtime.get("dtype", "bfloat16")), with_head=True)
+    lm = load_lm(
+        model["path"],
+        revision=model.get("revision"),
+        trust_remote_code=bool(model.get("trust_remote_code", False)),
+        device=device,
+        dtype=str(runtime.get("dtype", "bfloat16")),
+        with_head=True,
+    )
     sae = load_sae(sae_spec, device="cpu")
     cfg = getattr(lm.config, "text_config", None) or lm.config
     check_sae_matches(sae, int(cfg.hidden_size), f"sae_steer {analysis['name']}")
@@ -178,23 +215,41 @@ def run_sae_steer(
         features = choose_features(load_codes(codes_path), int(analysis["n_features"]))
     bad = [f for f in features if not 0 <= f < sae.d_sae]
     if bad:
-        raise ConfigError(f"analyses {analysis['name']}.features = {bad}: the SAE has "
-                          f"features 0..{sae.d_sae - 1}")
+        raise ConfigError(
+            f"analyses {analysis['name']}.features = {bad}: the SAE has features 0..{sae.d_sae - 1}"
+        )
     directions = decoder_rows(sae, list(features))
-    tokenizer = AutoTokenizer.from_pretrained(model["path"], revision=model.get("revision"),
-                                              trust_remote_code=bool(model.get("trust_remote_code", False)))
+    tokenizer = AutoTokenizer.from_pretrained(
+        model["path"],
+        revision=model.get("revision"),
+        trust_remote_code=bool(model.get("trust_remote_code", False)),
+    )
     layer = int(model["layer"])
     df, runs = steer_sae_features(
-        lm, tokenizer, sae, directions, layer,
-        prompts=list(analysis["prompts"]), features=list(features),
-        alphas=[float(a) for a in analysis["alphas"]], top_logits=int(analysis["top_logits"]),
-        max_new_tokens=int(analysis["max_new_tokens"]), top_moved=int(analysis["top_moved"]),
+        lm,
+        tokenizer,
+        sae,
+        directions,
+        layer,
+        prompts=list(analysis["prompts"]),
+        features=list(features),
+        alphas=[float(a) for a in analysis["alphas"]],
+        top_logits=int(analysis["top_logits"]),
+        max_new_tokens=int(analysis["max_new_tokens"]),
+        top_moved=int(analysis["top_moved"]),
         chat=bool(analysis["chat"]),
     )
-    info = {"name": analysis["name"], "layer": layer, "hook": "resid_post", "lm": model["path"],
-            "features": list(features), "alphas": [float(a) for a in analysis["alphas"]],
-            "prompts": list(analysis["prompts"]),
-            "decoder_norms": {str(f): float(directions[f].norm()) for f in features}, "runs": runs}
+    info = {
+        "name": analysis["name"],
+        "layer": layer,
+        "hook": "resid_post",
+        "lm": model["path"],
+        "features": list(features),
+        "alphas": [float(a) for a in analysis["alphas"]],
+        "prompts": list(analysis["prompts"]),
+        "decoder_norms": {str(f): float(directions[f].norm()) for f in features},
+        "runs": runs,
+    }
     with atomic_path(out_path) as tmp:
         df.to_parquet(tmp, compression="zstd", index=False)
     write_json(info_path, info)
