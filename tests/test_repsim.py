@@ -168,3 +168,23 @@ def test_subspace_null_from_random_columns():
     )
     assert res["cca"]["value"] > 0.99
     assert res["cca"]["p"] == pytest.approx(1 / 21)
+
+
+def test_gram_path_equals_feature_path():
+    import dataclasses
+
+    rng = np.random.default_rng(7)
+    X, Y = rng.normal(size=(60, 40)), rng.normal(size=(60, 30))
+    Y[:, :5] += X[:, :5]
+    a, b = _side(X), _side(Y)
+    assert a.K is not None and b.K is not None
+    a2 = dataclasses.replace(a, K=None, knn=ms.knn_sets(a.X, 5))
+    b2 = dataclasses.replace(b, K=None, knn=ms.knn_sets(b.X, 5))
+    perm = rng.permutation(60)
+    for p in (None, perm):
+        one, two = ms.all_measures(a, b, p), ms.all_measures(a2, b2, p)
+        for m in ms.MEASURES:
+            assert one[m] == pytest.approx(two[m], abs=1e-9), m
+    Xc, Yc = ms.prepare(X), ms.prepare(Y)
+    assert ms.all_measures(a, b)["cka_debiased"] == pytest.approx(_naive_debiased(Xc, Yc))
+    assert ms.all_measures(a, b)["cka"] == pytest.approx(_naive_cka(Xc, Yc))

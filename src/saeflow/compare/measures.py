@@ -19,7 +19,9 @@ result. All arithmetic is float64.
 - mutual kNN alignment (Huh et al. 2024): mean over tokens of |N_X(i) ∩ N_Y(i)| / k, neighbours by
   cosine similarity of the centred rows.
 - Procrustes distance: sqrt(2 - 2 ||X^T Y||_*) of centred, Frobenius-normalised X and Y, the
-  residual of the best orthogonal map between them (0 for identical inputs, sqrt(2) at most).
+  residual of the best orthogonal map between them (0 for identical inputs, sqrt(2) at most). In
+  `all_measures` X and Y are each side's top-`max_dim` PC scores, which keep the bulk of the
+  variance and make the SVD small.
 
 Baselines: a token permutation (rows of Y shuffled; the null of "no shared structure over these
 tokens") or random column subsets of the same size (the keyword-subspace null). z = (obs - mean) /
@@ -159,44 +161,144 @@ def procrustes_distance(X: np.ndarray, Y: np.ndarray) -> float:
 
 @dataclass
 class Prepared:
-    """One side, prepared once: centred data, PCA bases and kNN sets (all row-permutable)."""
+    """One side, prepared once; everything a permutation does not change is computed here.
 
-    X: np.ndarray
-    q_cca: np.ndarray
-    q_svcca: np.ndarray
-    knn: np.ndarray
+    `K` (the N x N Gram of the centred rows) is kept only for wide sides (p > N / 8), where the
+    permuted cross terms are cheaper as an N^2 gather than as an N p q product.
+    """
+
+    X: np.ndarray  # centred, zero-variance columns dropped [N, p]
+    q_cca: np.ndarray  # orthonormal top-pca_dim PC basis [N, k]
+    q_svcca: np.ndarray  # orthonormal basis of the PCs keeping svcca_variance [N, k']
+    scores: np.ndarray  # top-max_dim PC scores (U S) [N, m], for Procrustes
+    knn: np.ndarray  # [N, knn_k] neighbour indices
+    K: np.ndarray | None
+    kd: np.ndarray  # diag of K: squared row norms
+    k1: np.ndarray  # K~ 1 (zero-diagonal Gram times ones)
+    gram_fro: float  # ||X^T X||_F = ||K||_F
+    hsic_u: float  # unbiased HSIC(K, K)
+
+
+def _pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, S) of centred X, descending, through the smaller of X^T X and X X^T."""
+    n, p = X.shape
+    if p == 0:
+        return np.zeros((n, 0)), np.zeros(0)
+    if p <= n:
+        evals, V = np.linalg.eigh(X.T @ X)
+        order = np.argsort(evals)[::-1]
+        S = np.sqrt(np.clip(evals[order], 0.0, None))
+        keep = S > (S[0] * 1e-7 if S[0] > 0 else np.inf)
+        U = (X @ V[:, order[keep]]) / S[keep]
+        return U, S[keep]
+    U, S, _ = np.linalg.svd(X, full_matrices=False)
+    keep = S > (S[0] * 1e-7 if S[0] > 0 else np.inf)
+    return U[:, keep], S[keep]
+
+
+def _basis(U: np.ndarray, S: np.ndarray, dim: int | None, variance: float | None) -> np.ndarray:
+    keep = len(S)
+    if variance is not None and keep:
+        ev = np.cumsum(S**2) / float((S**2).sum())
+        keep = min(keep, int(np.searchsorted(ev, variance - 1e-12) + 1))
+    if dim is not None:
+        keep = min(keep, int(dim))
+    return U[:, :keep]
+
+
+def _knn_from_gram(K: np.ndarray, kd: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    n = K.shape[0]
+    k = min(k, n - 1)
+    inv = np.divide(1.0, np.sqrt(kd), out=np.zeros_like(kd), where=kd > 0)
+    out = np.empty((n, k), dtype=np.int64)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        sim = K[lo:hi] * inv[lo:hi, None] * inv[None, :]
+        sim[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf
+        out[lo:hi] = np.sort(np.argpartition(-sim, k - 1, axis=1)[:, :k], axis=1)
+    return out
 
 
 def prepare_side(
     X_NP: np.ndarray, *, pca_dim: int, svcca_variance: float, max_dim: int, knn_k: int
 ) -> Prepared:
     X = prepare(X_NP)
-    return Prepared(
+    n, p = X.shape
+    U, S = _pca(X)
+    kd = np.einsum("ij,ij->i", X, X)
+    K = X @ X.T if p > n / 8 else None
+    if K is not None:
+        gram_fro = float(np.sqrt((K * K).sum()))
+        knn = _knn_from_gram(K, kd, knn_k) if p and n > 1 else np.zeros((n, 0), int)
+    else:
+        gram_fro = float(np.linalg.norm(X.T @ X))
+        knn = knn_sets(X, knn_k) if p and n > 1 else np.zeros((n, 0), int)
+    k1 = X @ X.sum(axis=0) - kd
+    side = Prepared(
         X=X,
-        q_cca=pca_basis(X, dim=pca_dim),
-        q_svcca=pca_basis(X, dim=max_dim, variance=svcca_variance),
-        knn=knn_sets(X, knn_k) if X.shape[1] and X.shape[0] > 1 else np.zeros((X.shape[0], 0), int),
+        q_cca=_basis(U, S, pca_dim, None),
+        q_svcca=_basis(U, S, max_dim, svcca_variance),
+        scores=U[:, :max_dim] * S[:max_dim],
+        knn=knn,
+        K=K,
+        kd=kd,
+        k1=k1,
+        gram_fro=gram_fro,
+        hsic_u=0.0,
     )
+    side.hsic_u = _hsic_u_cross(side, side, None)
+    return side
+
+
+def _cross_trace(a: Prepared, b: Prepared, perm: np.ndarray | None) -> float:
+    """tr(K L_perm) = ||X^T Y_perm||_F^2, as an N^2 gather when both Grams exist."""
+    if a.K is not None and b.K is not None:
+        L = b.K if perm is None else b.K[np.ix_(perm, perm)]
+        return float(np.einsum("ij,ij->", a.K, L))
+    Y = b.X if perm is None else b.X[perm]
+    return float(np.linalg.norm(a.X.T @ Y) ** 2)
+
+
+def _hsic_u_cross(a: Prepared, b: Prepared, perm: np.ndarray | None) -> float:
+    """Unbiased HSIC of the linear kernels (Song et al. 2012), see `_hsic_unbiased_parts`."""
+    n = a.X.shape[0]
+    if n < 4:
+        return 0.0
+    ld = b.kd if perm is None else b.kd[perm]
+    l1 = b.k1 if perm is None else b.k1[perm]
+    tr = _cross_trace(a, b, perm) - float(a.kd @ ld)
+    sk, sl = float(a.k1.sum()), float(l1.sum())
+    return (tr + sk * sl / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(a.k1 @ l1)) / (n * (n - 3))
 
 
 def all_measures(a: Prepared, b: Prepared, perm: np.ndarray | None = None) -> dict[str, float]:
-    """Every measure of a vs b; with `perm`, b's rows are re-paired as b[perm]."""
-    Y = b.X if perm is None else b.X[perm]
-    qy_cca = b.q_cca if perm is None else b.q_cca[perm]
-    qy_sv = b.q_svcca if perm is None else b.q_svcca[perm]
+    """Every measure of a vs b; with `perm`, b's rows are re-paired as b[perm].
+
+    Procrustes runs on the top-`max_dim` PC scores of each side (the full p x q SVD would cost
+    more than everything else together for wide codes).
+    """
+    if a.X.shape[1] == 0 or b.X.shape[1] == 0:
+        return {m: (float(np.sqrt(2.0)) if m in DISTANCES else 0.0) for m in MEASURES}
+
+    def rows(M: np.ndarray) -> np.ndarray:
+        return M if perm is None else M[perm]
+
+    qy_cca, qy_sv = rows(b.q_cca), rows(b.q_svcca)
     k = min(a.q_cca.shape[1], qy_cca.shape[1])
     cca = canonical_correlations(a.q_cca[:, :k], qy_cca[:, :k])
     sv = canonical_correlations(a.q_svcca, qy_sv)
     sv = sv[: min(a.q_svcca.shape[1], qy_sv.shape[1])]
-    if a.X.shape[1] == 0 or Y.shape[1] == 0:
-        return {m: (float(np.sqrt(2.0)) if m in DISTANCES else 0.0) for m in MEASURES}
+    denom = a.gram_fro * b.gram_fro
+    cka = _cross_trace(a, b, perm) / denom if denom > 0 else 0.0
+    dden = np.sqrt(max(a.hsic_u, 0.0) * max(b.hsic_u, 0.0))
+    dcka = _hsic_u_cross(a, b, perm) / dden if dden > 0 else 0.0
     return {
         "cca": _mean(cca),
         "svcca": _mean(sv),
-        "cka": linear_cka(a.X, Y),
-        "cka_debiased": debiased_cka(a.X, Y),
+        "cka": float(cka),
+        "cka_debiased": float(dcka),
         "mknn": mutual_knn(a.knn, b.knn, perm),
-        "procrustes": procrustes_distance(a.X, Y),
+        "procrustes": procrustes_distance(a.scores, rows(b.scores)),
     }
 
 
