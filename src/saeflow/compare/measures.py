@@ -188,11 +188,11 @@ def _pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         evals, V = np.linalg.eigh(X.T @ X)
         order = np.argsort(evals)[::-1]
         S = np.sqrt(np.clip(evals[order], 0.0, None))
-        keep = S > (S[0] * 1e-7 if S[0] > 0 else np.inf)
+        keep = (S[0] * 1e-7 if S[0] > 0 else np.inf) < S
         U = (X @ V[:, order[keep]]) / S[keep]
         return U, S[keep]
     U, S, _ = np.linalg.svd(X, full_matrices=False)
-    keep = S > (S[0] * 1e-7 if S[0] > 0 else np.inf)
+    keep = (S[0] * 1e-7 if S[0] > 0 else np.inf) < S
     return U[:, keep], S[keep]
 
 
