@@ -117,7 +117,7 @@ rule rep_similarity:
         analysis=_names("rep_similarity"),
     conda:
         ENV_ANALYSIS
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
     params:
@@ -144,7 +144,7 @@ rule label_pairs:
         analysis=_names("match_features"),
     conda:
         ENV_ANALYSIS
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
     params:

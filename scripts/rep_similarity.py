@@ -16,4 +16,5 @@ run_rep_similarity(
     out_measures=snakemake.output.measures,
     out_summary=snakemake.output.summary,
     out_page=snakemake.output.page,
+    threads=int(snakemake.threads),
 )

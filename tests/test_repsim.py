@@ -188,3 +188,115 @@ def test_gram_path_equals_feature_path():
     Xc, Yc = ms.prepare(X), ms.prepare(Y)
     assert ms.all_measures(a, b)["cka_debiased"] == pytest.approx(_naive_debiased(Xc, Yc))
     assert ms.all_measures(a, b)["cka"] == pytest.approx(_naive_cka(Xc, Yc))
+
+
+def _codes_dir(path, dense, seq, pos):
+    import scipy.sparse as sp
+
+    from saeflow.codes import CODES_FORMAT, Codes, write_code_shard
+    from saeflow.io import write_manifest
+
+    csr = sp.csr_matrix(dense.astype(np.float32))
+    codes = Codes(
+        np.asarray(seq, np.int32),
+        np.asarray(pos, np.int32),
+        csr.indptr.astype(np.int64),
+        csr.indices.astype(np.int32),
+        csr.data.astype(np.float16),
+        dense.shape[1],
+    )
+    path.mkdir(parents=True)
+    write_code_shard(path / "part-00000.parquet", codes)
+    write_manifest(
+        path,
+        {
+            "format": CODES_FORMAT,
+            "d_sae": dense.shape[1],
+            "parts": {"codes": "."},
+            "shards": ["part-00000.parquet"],
+        },
+    )
+    return str(path)
+
+
+def test_run_rep_similarity_on_code_folders(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    from saeflow.compare.repsim import run_rep_similarity
+    from saeflow.errors import DataError
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _fixtures_models import write_tokens
+
+    rng = np.random.default_rng(8)
+    ids = [list(rng.integers(0, 5, size=20)) for _ in range(10)]
+    tok_a = write_tokens(tmp_path / "ta.parquet", ids)
+    tok_b = write_tokens(tmp_path / "tb.parquet", ids)
+    seq = np.repeat(np.arange(10), 20)
+    pos = np.tile(np.arange(20), 10)
+    word = np.concatenate(ids) == 3  # token "w3" is the keyword
+    A = np.abs(rng.normal(size=(200, 12))) * (rng.random((200, 12)) < 0.3)
+    A[:, 0] = word * 2.0
+    B = np.hstack([A[:, [1, 2, 0]] * 1.5, np.zeros((200, 2))])  # B reorders A, two dead features
+    specs = [
+        {
+            "model": "m1",
+            "layer": 0,
+            "sae": "a",
+            "path": _codes_dir(tmp_path / "a", A, seq, pos),
+            "tokens": str(tok_a),
+        },
+        {
+            "model": "m2",
+            "layer": 0,
+            "sae": "b",
+            "path": _codes_dir(tmp_path / "b", B, seq, pos),
+            "tokens": str(tok_b),
+        },
+    ]
+    analysis = {
+        "name": "t",
+        "type": "rep_similarity",
+        "n_null": 5,
+        "max_tokens": None,
+        "skip_pos0": True,
+        "pca_dim": 3,
+        "svcca_variance": 0.99,
+        "max_dim": 8,
+        "knn_k": 4,
+        "keywords": {"words": ["W3"], "each": False, "top_n": 3, "min_frac": 0.5},
+    }
+    out = tmp_path / "out"
+    summary = run_rep_similarity(
+        [dict(s) for s in specs],
+        analysis=analysis,
+        seed=0,
+        out_measures=out / "m.parquet",
+        out_summary=out / "s.json",
+        out_page=out / "repsim-t.html",
+    )
+    assert summary["n_tokens"] == 190  # position 0 left out
+    assert summary["dims_dropped"]["m2@0:b"] == 2
+    kw = {k["source"]: k["features"] for k in summary["keywords"]}
+    assert kw == {"m1@0:a": [0], "m2@0:b": [2]}
+    table = pd.read_parquet(out / "m.parquet")
+    assert table.notna().all().all()
+    row = table[(table["subspace"] == "W3") & (table["measure"] == "cka")]
+    assert row["value"].iloc[0] == pytest.approx(1.0)
+    assert json.loads((out / "s.json").read_text())["labels"] == ["m1@0:a", "m2@0:b"]
+    assert "Representation similarity" in (out / "repsim-t.html").read_text()
+    # different token ids in the two models: refused before anything is written
+    write_tokens(tok_b, [[(t + 1) % 5 for t in row] for row in ids])
+    with pytest.raises(DataError, match="different token ids"):
+        run_rep_similarity(
+            [dict(s) for s in specs],
+            analysis=analysis,
+            seed=0,
+            out_measures=tmp_path / "x.parquet",
+            out_summary=tmp_path / "x.json",
+        )
+    assert not (tmp_path / "x.parquet").exists()

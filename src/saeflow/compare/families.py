@@ -131,6 +131,7 @@ def run_feature_families(
     """The rule: parents are the narrower SAE's features; table, summary and the tree page."""
     from saeflow.codes import load_codes
     from saeflow.compare.pairs import top_token_sets
+    from saeflow.geometry.matching import DEFAULTS as MATCH_DEFAULTS
     from saeflow.geometry.matching import align_codes, read_matches, side_label
     from saeflow.io import atomic_path, write_json
     from saeflow.tokenize import load_tokens
@@ -173,6 +174,8 @@ def run_feature_families(
         "d_parent": int(P.shape[1]),
         "d_child": int(C.shape[1]),
         "threshold": float(analysis["threshold"]),
+        # children come from the match's top-k lists, so no parent can have more than top_k
+        "max_children": int(match.get("top_k") or MATCH_DEFAULTS["top_k"]),
         **families_summary(table, P.shape[1]),
     }
     with atomic_path(out_families) as tmp:

@@ -392,7 +392,8 @@ def write_families_page(
     intro = _NOTE.format(
         f"Parents: features of {esc(summary['parent_sae'])} ({summary['d_parent']}); children: "
         f"features of {esc(summary['child_sae'])} ({summary['d_child']}) among a parent's matches "
-        f"with activation correlation ≥ {summary['threshold']}. Density × is the child's firing "
+        f"with activation correlation ≥ {summary['threshold']} (at most the match's top_k = "
+        f"{summary.get('max_children')} per parent). Density × is the child's firing "
         "frequency over the parent's; P(c|p) and P(p|c) are co-activation rates; coverage is the "
         "share of the parent's tokens on which some child fires."
     )
