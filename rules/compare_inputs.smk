@@ -88,6 +88,11 @@ def compare_pages():
 
 
 for _a in analyses_of("sae_steer"):
+    if config["saes"][_a["sae"]]["format"] == "temporal":
+        sys.exit(
+            f"saeflow: config error: analyses {_a['name']}.sae = {_a['sae']!r}: sae_steer "
+            "re-encodes single tokens, which a temporal SAE does not do"
+        )
     if _a.get("features") is None and not _a.get("dataset"):
         sys.exit(
             f"saeflow: config error: analyses {_a['name']}.features = null: choosing features "
