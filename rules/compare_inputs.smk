@@ -85,22 +85,3 @@ def compare_pages():
     pages += [f"{REP}/pairs-{a['name']}.html" for a in analyses_of("match_features")]
     pages += [f"{REP}/steer-{a['name']}.html" for a in analyses_of("sae_steer")]
     return pages
-
-
-for _a in analyses_of("sae_steer"):
-    if config["saes"][_a["sae"]]["format"] == "temporal":
-        sys.exit(
-            f"saeflow: config error: analyses {_a['name']}.sae = {_a['sae']!r}: sae_steer "
-            "re-encodes single tokens, which a temporal SAE does not do"
-        )
-    if _a.get("features") is None and not _a.get("dataset"):
-        sys.exit(
-            f"saeflow: config error: analyses {_a['name']}.features = null: choosing features "
-            "by frequency needs a `dataset` (or list `features`)"
-        )
-for _a in analyses_of("feature_families"):
-    if ANALYSES.get(_a["match"], {}).get("type") != "match_features":
-        sys.exit(
-            f"saeflow: config error: analyses {_a['name']}.match = {_a['match']!r}: "
-            "no match_features analysis of that name"
-        )
