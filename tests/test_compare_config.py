@@ -54,6 +54,10 @@ def test_tiny_compare_analyses_get_schema_defaults(tmp_path):
         (lambda c: _of(c, "sae_steer").update(sae="temporal"), "temporal SAE"),
         (lambda c: _of(c, "sae_steer").pop("dataset"), r"features = null"),
         (lambda c: _of(c, "rep_similarity").update(pca_dim=0), "pca_dim"),
+        (
+            lambda c: _of(c, "rep_similarity")["sources"][0].update(layer=2),
+            r"sources\[0\]\.layer = 2: the model has 2 layers",
+        ),
         (lambda c: _of(c, "sae_steer").update(alphas=[]), "alphas"),
     ],
 )
