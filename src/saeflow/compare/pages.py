@@ -120,10 +120,11 @@ def write_repsim_page(out_path: str | Path, table: pd.DataFrame, summary: dict[s
         "null",
     ]
     s = summary["settings"]
+    dropped = ", ".join(f"{k}: {v}" for k, v in summary["dims_dropped"].items())
     intro = (
         f"{summary['n_tokens']} shared tokens (aligned by seq_id, pos; token ids checked equal"
         f"{', position 0 left out' if s.get('skip_pos0') else ''}). Zero-variance columns dropped "
-        f"first ({esc(summary['dims_dropped'])}). CCA uses the top {s['pca_dim']} principal "
+        f"first ({dropped}). CCA uses the top {s['pca_dim']} principal "
         f"components of each side; SVCCA keeps {s['svcca_variance']} of the variance (at most "
         f"{s['max_dim']} components); mutual kNN uses k = {s['knn_k']}. Each value has a null of "
         f"{s['n_null']} token permutations (keyword subspaces: random feature subsets of the same "
