@@ -385,7 +385,7 @@ def write_families_page(
     facts = html_table(
         ["measure", "value"],
         [
-            [k, fmt_num(v) if not isinstance(v, dict) else esc(v)]
+            [k, ", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else fmt_num(v)]
             for k, v in summary.items()
             if k not in ("name",)
         ],
