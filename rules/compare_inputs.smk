@@ -64,8 +64,9 @@ def steer_model(a):
 def steer_inputs(wildcards):
     a = ANALYSES[wildcards.analysis]
     out = {"sae_files": sae_files(a["sae"]), "lm": model_files(steer_model(a))}
-    if a.get("features") is None:
+    if a.get("dataset"):
         out["codes"] = codes_path(steer_model(a), a["dataset"], a["sae"])
+        out["tokens"] = tokens_path(steer_model(a), a["dataset"])
     return out
 
 

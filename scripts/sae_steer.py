@@ -19,4 +19,5 @@ with gpu_slot(str(runtime.get("device", "auto"))):
         info_path=snakemake.output.info,
         page_path=snakemake.output.page,
         codes_path=getattr(snakemake.input, "codes", None),
+        tokens_path=getattr(snakemake.input, "tokens", None),
     )

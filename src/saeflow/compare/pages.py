@@ -162,6 +162,11 @@ def _visible(text: Any) -> str:
     return str(text).replace("\n", "⏎").replace("\t", "⇥")
 
 
+def _tok(r: Any) -> str:
+    tokens = getattr(r, "tokens", "")
+    return f' <span class="note">[{esc(_visible(tokens))}]</span>' if tokens else ""
+
+
 def _alpha_table(g: pd.DataFrame, alphas: list[float], fmt: str) -> str:
     """Rows = rank, columns = alpha x (up, down); cells `label (delta)`."""
     n = int(g["rank"].max()) + 1 if len(g) else 0
@@ -179,7 +184,7 @@ def _alpha_table(g: pd.DataFrame, alphas: list[float], fmt: str) -> str:
                 tds.append(
                     "<td></td>"
                     if r is None
-                    else f"<td>{esc(_visible(r.label))} ({format(r.delta, fmt)})</td>"
+                    else f"<td>{esc(_visible(r.label))}{_tok(r)} ({format(r.delta, fmt)})</td>"
                 )
         body.append(f"<tr><td>{rank + 1}</td>{''.join(tds)}</tr>\n")
     return (
@@ -191,14 +196,16 @@ def _alpha_table(g: pd.DataFrame, alphas: list[float], fmt: str) -> str:
 def write_steer_page(out_path: str | Path, steer: pd.DataFrame, info: dict[str, Any]) -> Path:
     """`reports/steer-{name}.html`, in the MFA steering page's layout: one block per prompt x
     feature with logit changes, moved features and greedy continuations per alpha."""
-    alphas = [float(a) for a in info["alphas"]]
+    alphas = [float(a) for a in info["alphas"] if float(a) != 0.0]
+    norms = ", ".join(f"f{k}: {v:.3g}" for k, v in info["decoder_norms"].items())
     parts = [
         _NOTE.format(
             f"x ← x + α·d_f at block {esc(info['layer'])} ({esc(info['hook'])}), every position; "
-            "d_f = the feature's decoder direction in activation space (norms: "
-            f"{esc(info['decoder_norms'])}). Logit changes are at the last prompt position; "
+            f"d_f = the feature's decoder direction in activation space (norms: {esc(norms)}). "
+            "Logit changes are at the last prompt position; "
             "moved features are mean code changes over the prompt when the steered activations "
-            "are encoded again by the same SAE."
+            "are encoded again by the same SAE, with their top activating tokens in brackets. "
+            "α = 0 (the no-op check) is left out of the tables."
         )
     ]
     runs = pd.DataFrame(info["runs"])

@@ -185,6 +185,7 @@ def run_sae_steer(
     info_path: str | Path,
     page_path: str | Path | None = None,
     codes_path: str | Path | None = None,
+    tokens_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """The rule: load LM and SAE, choose features, steer, write table, info and page."""
     from transformers import AutoTokenizer
@@ -211,8 +212,9 @@ def run_sae_steer(
     cfg = getattr(lm.config, "text_config", None) or lm.config
     check_sae_matches(sae, int(cfg.hidden_size), f"sae_steer {analysis['name']}")
     features = analysis.get("features")
+    codes = load_codes(codes_path) if codes_path else None
     if features is None:
-        features = choose_features(load_codes(codes_path), int(analysis["n_features"]))
+        features = choose_features(codes, int(analysis["n_features"]))
     bad = [f for f in features if not 0 <= f < sae.d_sae]
     if bad:
         raise ConfigError(
@@ -239,6 +241,8 @@ def run_sae_steer(
         top_moved=int(analysis["top_moved"]),
         chat=bool(analysis["chat"]),
     )
+    if codes is not None and tokens_path and len(df):
+        df["tokens"] = feature_labels(df, codes, tokens_path)
     info = {
         "name": analysis["name"],
         "layer": layer,
@@ -261,6 +265,24 @@ def run_sae_steer(
 
         write_steer_page(page_path, df, info)
     return info
+
+
+def feature_labels(df: pd.DataFrame, codes: Any, tokens_path: str | Path) -> list[str]:
+    """Top activating tokens (distinct, of the top 5 activations) of every feature row's feature:
+    the labels the plan compares before and after steering; empty for logit rows."""
+    from saeflow.compare.pairs import top_token_sets
+    from saeflow.tokenize import load_tokens
+
+    tok_df = load_tokens(tokens_path)
+    by_seq = dict(zip(tok_df["seq_id"].astype(int), tok_df["tokens"], strict=True))
+    tokens = [
+        str(by_seq[int(s)][int(p)]) for s, p in zip(codes.seq_ids, codes.positions, strict=True)
+    ]
+    is_feat = (df["kind"] == "feature").to_numpy()
+    feats = np.unique(np.concatenate([df.loc[is_feat, "id"].to_numpy(), df["feature"].to_numpy()]))
+    sets = top_token_sets(codes.to_scipy(), feats, tokens, 5)
+    label = {int(f): " ".join(sorted(s)) for f, s in zip(feats, sets, strict=True)}
+    return [label[int(i)] if k else "" for i, k in zip(df["id"], is_feat, strict=True)]
 
 
 def decoder_rows(sae: Any, features: list[int]) -> dict[int, torch.Tensor]:
