@@ -19,7 +19,7 @@ rule rep_similarity:
     wildcard_constraints:
         analysis=_names("rep_similarity"),
     conda:
-        ENV_ANALYSIS
+        ENV_TORCH
     threads: 1
     resources:
         mem_mb=8000,
@@ -46,7 +46,7 @@ rule label_pairs:
     wildcard_constraints:
         analysis=_names("match_features"),
     conda:
-        ENV_ANALYSIS
+        ENV_TORCH
     threads: 1
     resources:
         mem_mb=8000,
@@ -73,7 +73,7 @@ rule feature_families:
     wildcard_constraints:
         analysis=_names("feature_families"),
     conda:
-        ENV_ANALYSIS
+        ENV_TORCH
     threads: 1
     resources:
         mem_mb=8000,
