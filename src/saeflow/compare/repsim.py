@@ -272,8 +272,9 @@ def _keyword_records(
         log.warning("keywords: need two SAE-code sources; keyword mode skipped")
         return info
     tok_path = next(s["tokens"] for s in specs if s.get("tokens"))
-    keys = code_sources[0].keys[rows_of[code_sources[0].label]]
-    tokens = token_strings(tok_path, keys)
+    # keyword features are found on every token of a source, not on the compared sample, so the
+    # subspaces do not change with max_tokens
+    tokens = {s.label: token_strings(tok_path, s.keys) for s in code_sources}
     words_sets = {"+".join(kw["words"]): list(kw["words"])}
     if kw.get("each"):
         words_sets.update({w: [w] for w in kw["words"]})
@@ -281,9 +282,12 @@ def _keyword_records(
     for name, words in words_sets.items():
         feats = {}
         for s in code_sources:
-            X = s.dense[rows_of[s.label]]
             feats[s.label] = keyword_features(
-                X, tokens, words, top_n=int(kw["top_n"]), min_frac=float(kw["min_frac"])
+                s.dense,
+                tokens[s.label],
+                words,
+                top_n=int(kw["top_n"]),
+                min_frac=float(kw["min_frac"]),
             )
             info.append({"subspace": name, "source": s.label, "features": feats[s.label].tolist()})
         for (i, a), (j, b) in itertools.combinations(enumerate(code_sources), 2):
