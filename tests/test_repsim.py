@@ -300,3 +300,12 @@ def test_run_rep_similarity_on_code_folders(tmp_path):
             out_summary=tmp_path / "x.json",
         )
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_pca_wider_than_tall_matches_svd():
+    rng = np.random.default_rng(9)
+    X = ms.prepare(rng.normal(size=(30, 80)))
+    U, S = ms._pca(X)
+    _, S_ref, _ = np.linalg.svd(X, full_matrices=False)
+    np.testing.assert_allclose(S, S_ref[: len(S)], rtol=1e-8)
+    np.testing.assert_allclose(np.abs(U.T @ U), np.eye(len(S)), atol=1e-8)

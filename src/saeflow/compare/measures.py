@@ -179,8 +179,14 @@ class Prepared:
     hsic_u: float  # unbiased HSIC(K, K)
 
 
-def _pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(U, S) of centred X, descending, through the smaller of X^T X and X X^T."""
+def _nonzero(sv: np.ndarray) -> np.ndarray:
+    """Singular values above 1e-7 of the largest (none when all are 0)."""
+    floor = sv[0] * 1e-7 if sv[0] > 0 else np.inf
+    return sv > floor
+
+
+def _pca(X: np.ndarray, K: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(U, S) of centred X, descending, from the smaller of X^T X [p, p] and the Gram X X^T."""
     n, p = X.shape
     if p == 0:
         return np.zeros((n, 0)), np.zeros(0)
@@ -188,12 +194,13 @@ def _pca(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         evals, V = np.linalg.eigh(X.T @ X)
         order = np.argsort(evals)[::-1]
         S = np.sqrt(np.clip(evals[order], 0.0, None))
-        keep = (S[0] * 1e-7 if S[0] > 0 else np.inf) < S
-        U = (X @ V[:, order[keep]]) / S[keep]
-        return U, S[keep]
-    U, S, _ = np.linalg.svd(X, full_matrices=False)
-    keep = (S[0] * 1e-7 if S[0] > 0 else np.inf) < S
-    return U[:, keep], S[keep]
+        keep = _nonzero(S)
+        return (X @ V[:, order[keep]]) / S[keep], S[keep]
+    evals, U = np.linalg.eigh(X @ X.T if K is None else K)
+    order = np.argsort(evals)[::-1]
+    S = np.sqrt(np.clip(evals[order], 0.0, None))
+    keep = _nonzero(S)
+    return U[:, order[keep]], S[keep]
 
 
 def _basis(U: np.ndarray, S: np.ndarray, dim: int | None, variance: float | None) -> np.ndarray:
@@ -224,9 +231,9 @@ def prepare_side(
 ) -> Prepared:
     X = prepare(X_NP)
     n, p = X.shape
-    U, S = _pca(X)
     kd = np.einsum("ij,ij->i", X, X)
     K = X @ X.T if p > n / 8 else None
+    U, S = _pca(X, K)
     if K is not None:
         gram_fro = float(np.sqrt((K * K).sum()))
         knn = _knn_from_gram(K, kd, knn_k) if p and n > 1 else np.zeros((n, 0), int)

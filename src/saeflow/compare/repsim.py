@@ -37,8 +37,17 @@ class Source:
     label: str
     kind: str  # "activations" or "codes"
     keys: np.ndarray  # int64 seq_id << 32 | pos
-    dense: np.ndarray  # float32 [N, d]
+    matrix: Any  # float32 [N, d]: dense activations, or scipy CSR codes (densified per sample)
     tokens_path: str | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.matrix.shape[1])
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """Dense float32 [len(idx), d] of the given rows (codes stay sparse until here)."""
+        out = self.matrix[idx]
+        return out.toarray() if hasattr(out, "toarray") else np.asarray(out)
 
 
 def _keys(seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -62,7 +71,7 @@ def load_source(spec: dict[str, Any]) -> Source:
 
         codes = load_codes(spec["path"], part=spec.get("codes"))
         keys = _keys(codes.seq_ids, codes.positions)
-        dense = codes.to_scipy().toarray()
+        dense = codes.to_scipy()
         kind = "codes"
     else:
         from saeflow.activations import load_activations
@@ -128,7 +137,7 @@ def token_strings(tokens_path: str, keys: np.ndarray) -> list[str]:
 
 
 def keyword_features(
-    dense_NF: np.ndarray, tokens: list[str], words: list[str], *, top_n: int, min_frac: float
+    codes_NF: Any, tokens: list[str], words: list[str], *, top_n: int, min_frac: float
 ) -> np.ndarray:
     """Features whose top-`top_n` activating tokens match a word in at least `min_frac` of them.
 
@@ -140,7 +149,7 @@ def keyword_features(
     from saeflow.geometry.top_examples import norm_token, top_activations
 
     wanted = {norm_token(w).lower() for w in words}
-    top = top_activations(sp.csr_matrix(dense_NF), top_n)
+    top = top_activations(sp.csr_matrix(codes_NF, dtype=np.float32), top_n)
     if top.empty:
         return np.zeros(0, dtype=np.int64)
     hit = np.array([norm_token(tokens[r]).lower() in wanted for r in top["row"]])
@@ -200,7 +209,7 @@ def _run(
     }
     prepared = {}
     for s in tqdm(sources, desc="prepare sources", file=sys.stderr):
-        prepared[s.label] = ms.prepare_side(s.dense[rows_of[s.label]], **opts)
+        prepared[s.label] = ms.prepare_side(s.rows(rows_of[s.label]), **opts)
     n_tokens = len(next(iter(rows_of.values())))
     records = []
     pairs = list(itertools.combinations(range(len(sources)), 2))
@@ -239,9 +248,7 @@ def _run(
             k: analysis[k] for k in sorted(analysis) if k not in ("sources", "name", "type")
         },
         "dims": {s.label: int(prepared[s.label].X.shape[1]) for s in sources},
-        "dims_dropped": {
-            s.label: int(s.dense.shape[1] - prepared[s.label].X.shape[1]) for s in sources
-        },
+        "dims_dropped": {s.label: int(s.width - prepared[s.label].X.shape[1]) for s in sources},
         "keywords": keyword_info,
     }
     with atomic_path(out_measures) as tmp:
@@ -283,7 +290,7 @@ def _keyword_records(
         feats = {}
         for s in code_sources:
             feats[s.label] = keyword_features(
-                s.dense,
+                s.matrix,
                 tokens[s.label],
                 words,
                 top_n=int(kw["top_n"]),
@@ -295,7 +302,7 @@ def _keyword_records(
             if len(fa) == 0 or len(fb) == 0:
                 log.warning("keywords %s: no feature of %s or %s matches", name, a.label, b.label)
                 continue
-            Xa, Xb = a.dense[rows_of[a.label]], b.dense[rows_of[b.label]]
+            Xa, Xb = a.rows(rows_of[a.label]), b.rows(rows_of[b.label])
             live_a, live_b = Xa.std(axis=0) > 0, Xb.std(axis=0) > 0
             res = ms.compare_subspaces(
                 Xa,
