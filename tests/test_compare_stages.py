@@ -147,6 +147,7 @@ def test_families_split_general_to_specific():
     assert f0["coverage"].iloc[0] == pytest.approx(1.0)
     assert f0["children_jaccard"].iloc[0] == 0.0
     assert (f0["p_parent_given_child"] == 1.0).all()
+    assert (f0["child_parents"] >= 1).all()
     assert 1 not in set(fam["parent"])  # a 1:1 match is no family
     s = families_summary(fam, 4)
     assert s["split_ratio_counts"]["2"] >= 1

@@ -11,7 +11,9 @@ matches whose activation correlation with it passes `threshold`. A parent with a
   about 1;
 - co-activation: P(child | parent), P(parent | child), the fraction of the parent's tokens covered
   by any child (`coverage`), and the mean pairwise Jaccard of the children's token sets
-  (`children_jaccard`: near 0 when the children split the parent's tokens between them).
+  (`children_jaccard`: near 0 when the children split the parent's tokens between them);
+- `child_parents`: in how many families the child appears (above 1 the wider SAE merged what the
+  narrower one split, or the narrower SAE has redundant parents).
 """
 
 from __future__ import annotations
@@ -97,7 +99,10 @@ def families_table(
                     "children_jaccard": children_jaccard,
                 }
             )
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    # a child under several parents is a merge as much as a split
+    table["child_parents"] = table.groupby("child")["parent"].transform("size").astype(int)
+    return table
 
 
 def families_summary(table: pd.DataFrame, n_parents: int) -> dict[str, Any]:
@@ -112,6 +117,7 @@ def families_summary(table: pd.DataFrame, n_parents: int) -> dict[str, Any]:
         "median_density_ratio": med("density_ratio") if len(table) else None,
         "median_p_child_given_parent": med("p_child_given_parent") if len(table) else None,
         "median_coverage": float(fam["coverage"].median()) if len(fam) else None,
+        "median_child_parents": med("child_parents") if len(table) else None,
         "median_children_jaccard": float(fam["children_jaccard"].median()) if len(fam) else None,
     }
 

@@ -373,7 +373,7 @@ def family_tree_html(table: pd.DataFrame, max_families: int) -> str:
         items = "".join(
             f"<li>child {k.child}: corr {fmt_num(k.corr)}, decoder cos {fmt_num(k.decoder_cos)}, "
             f"density ×{fmt_num(k.density_ratio)}, P(c|p) {fmt_num(k.p_child_given_parent)}, "
-            f"P(p|c) {fmt_num(k.p_parent_given_child)} · "
+            f"P(p|c) {fmt_num(k.p_parent_given_child)}, in {k.child_parents} families · "
             f"tokens: {esc(' '.join(k.child_tokens))}</li>\n"
             for k in kids.itertuples()
         )
