@@ -62,6 +62,7 @@ include: "rules/activations.smk"
 include: "rules/sae.smk"
 include: "rules/analysis.smk"
 include: "rules/geometry.smk"
+include: "rules/compare.smk"
 include: "rules/report.smk"
 
 

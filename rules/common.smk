@@ -393,6 +393,7 @@ def report_pages():
     pages += [f"{REP}/diffing-{a['name']}.html" for a in analyses_of("diffing")]
     pages += [f"{REP}/similarity-{a['name']}.html" for a in analyses_of("similarity")]
     pages += extra_report_pages()
+    pages += compare_pages()
     if metrics_targets():
         pages.append(f"{REP}/metrics-saes.html")
     return pages

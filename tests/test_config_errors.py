@@ -137,7 +137,12 @@ CASES = [
         id="wrong-type",
     ),
     pytest.param(_set("runtime.device", "tpu"), "runtime.device", '"tpu"', id="bad-device"),
-    pytest.param(_duplicate_analysis, "analyses[8].name", "'pred_dialogues'", id="duplicate-name"),
+    pytest.param(
+        _duplicate_analysis,
+        f"analyses[{len(tiny_config()['analyses'])}].name",  # the appended copy
+        "'pred_dialogues'",
+        id="duplicate-name",
+    ),
     pytest.param(_pred_on_topk, "analyses[1].codes", "'pred'", id="pred-codes-need-temporal"),
 ]
 

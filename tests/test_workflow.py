@@ -84,9 +84,12 @@ def test_full_run_builds_every_target(tiny_run):
     assert (results / "reports" / "index.html").is_file()
     assert (results / "reports" / "plotly.min.js").is_file()
     kinds = {"umap", "diffing", "similarity", "mfa"}
+    compare = {"rep_similarity": "repsim", "feature_families": "families", "sae_steer": "steer"}
     for a in cfg["analyses"]:
-        kind = a["type"] if a["type"] in kinds else "geometry"
+        kind = a["type"] if a["type"] in kinds else compare.get(a["type"], "geometry")
         assert (results / "reports" / f"{kind}-{a['name']}.html").is_file(), a["name"]
+        if a["type"] == "match_features":
+            assert (results / "reports" / f"pairs-{a['name']}.html").is_file(), a["name"]
     assert (results / "reports" / "metrics-saes.html").is_file()
     for sae, spec in cfg["saes"].items():
         for ds in spec.get("eval_datasets", []):
@@ -273,9 +276,17 @@ def test_new_dataset_and_analysis_run_only_their_own_jobs(tiny_run):
 DETERMINISTIC = {
     "diff_stats": ["diffing/{name}/features.parquet", "diffing/{name}/summary.json"],
     "umap": ["umap/{name}/embedding.parquet", "umap/{name}/results.json"],
-    "similarity": ["similarity/{name}/manifest.json"],
+    "rep_similarity": ["compare/{name}/measures.parquet", "compare/{name}/summary.json"],
+    "feature_families": ["compare/{name}/families.parquet"],
+    "similarity": ["similarity/{name}/manifest.json"],  # last: its parts are compared below
 }
-KIND_OF_RULE = {"diff_stats": "diffing", "umap": "umap", "similarity": "similarity"}
+KIND_OF_RULE = {
+    "diff_stats": "diffing",
+    "umap": "umap",
+    "rep_similarity": "rep_similarity",
+    "feature_families": "feature_families",
+    "similarity": "similarity",
+}
 
 
 def test_analyses_rerun_to_the_same_bytes(tiny_run, tmp_path):

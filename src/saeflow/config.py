@@ -565,6 +565,10 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
                     f"{key}.codes = {analysis['codes']!r}: needs a temporal SAE, "
                     f"but saes.{analysis['sae']} is {sae['format']}"
                 )
+        if analysis["type"] in ("rep_similarity", "feature_families", "sae_steer"):
+            from saeflow.compare.checks import check_compare_analysis
+
+            check_compare_analysis(config, analysis, key)
 
 
 def model_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
