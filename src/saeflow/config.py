@@ -225,6 +225,9 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
                     f"{key}.codes = {analysis['codes']!r}: needs a temporal SAE, "
                     f"but saes.{analysis['sae']} is {sae['format']}"
                 )
+    from saeflow.hooks import prepare_hooks
+
+    prepare_hooks(config)
 
 
 def model_spec(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from saeflow.errors import ConfigError, DataError
+from saeflow.hooks import recorded_hook
 from saeflow.sae.models import SAE, BaseSAE
 from saeflow.sae.temporal import TemporalSAE
 
@@ -448,6 +449,8 @@ def load_sae(spec: dict[str, Any], *, device: str | torch.device | None = None) 
     if not spec.get("path") and not spec.get("repo"):
         raise ConfigError("SAE spec needs path (local) or repo (+ path) (hub)")
     sae = LOADERS[fmt](spec)
+    # Where the SAE was trained, as its files record it (checked against the activations).
+    sae.recorded_hook = recorded_hook(spec, lambda name: _fetch(spec, name, required=False))
     sae.eval()
     sae.requires_grad_(False)
     if device is not None:

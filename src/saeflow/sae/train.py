@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from saeflow import io as sio
 from saeflow.errors import ConfigError, DataError
+from saeflow.hooks import HookPoint
 from saeflow.sae.encode import sequence_spans
 from saeflow.sae.formats import load_sae
 from saeflow.sae.temporal import TemporalSAE
@@ -104,6 +105,7 @@ def load_sequences(acts_paths: str | os.PathLike | Sequence) -> tuple[list[torch
         manifest = sio.read_manifest(Path(path).parent if str(path).endswith(".json") else path)
         info.setdefault("model", manifest.get("model"))
         info.setdefault("layer", manifest.get("layer"))
+        info.setdefault("hook", manifest.get("hook", "resid_post"))
         seq_N, pos_N, acts_ND = load_activations(path)
         offsets = sequence_spans(np.asarray(seq_N), np.asarray(pos_N), str(path))
         acts_ND = acts_ND.float()
@@ -151,7 +153,7 @@ def _saelens_files(out: Path, tensors: dict[str, torch.Tensor], k: int, info: di
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
             "model_name": info.get("model"),
-            "hook_name": f"blocks.{info.get('layer')}.hook_resid_post",
+            "hook_name": HookPoint(int(info["layer"]), info["hook"]).tl_name,
             "hook_head_index": None,
             "prepend_bos": True,
             "sae_lens_version": "6.0.0",
@@ -336,7 +338,7 @@ def _train_temporal(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]
     out_dir = Path(out_dir)
     with sio.atomic_dir(out_dir) as tmp:
         conf = sae.config()
-        conf["llm"].update(name=info.get("model"), layer=info.get("layer"))
+        conf["llm"].update(name=info.get("model"), layer=info.get("layer"), hook=info.get("hook"))
         (tmp / "conf.yaml").write_text(yaml.safe_dump(conf, sort_keys=True))
         state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
         save_file(state, str(tmp / "latest_ckpt.safetensors"))
