@@ -377,6 +377,7 @@ def cache_hookpoints(
         for h in hookpoints
     )
     root = Path(root)
+    (root / sio.MANIFEST).unlink(missing_ok=True)  # the set is complete only when rewritten
     opts = _Options(fmt, batch_size, shard_tokens, device, dtype, seed, padding_side, threads)
     manifests = _cache(model_spec, tokens_path, [(hp, root / hp.folder) for hp in hps], opts, model)
     first = manifests[0]

@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from saeflow.errors import ConfigError, DataError
 
@@ -188,8 +188,7 @@ def _parse_or_refuse(name: Any, where: str) -> tuple[int | None, str]:
 Fetch = Callable[[str], "Path | None"]
 
 
-@dataclass(frozen=True)
-class Recorded:
+class Recorded(NamedTuple):
     """What an SAE's own files say about where it was trained; None where they are silent."""
 
     layer: int | None

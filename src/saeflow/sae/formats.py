@@ -449,8 +449,9 @@ def load_sae(spec: dict[str, Any], *, device: str | torch.device | None = None) 
     if not spec.get("path") and not spec.get("repo"):
         raise ConfigError("SAE spec needs path (local) or repo (+ path) (hub)")
     sae = LOADERS[fmt](spec)
-    # Where the SAE was trained, as its files record it (checked against the activations).
-    sae.recorded_hook = recorded_hook(spec, lambda name: _fetch(spec, name, required=False))
+    # Where the SAE was trained, as its files record it (checked against the activations); hub
+    # files are read from the cache the loader just filled, with no further download.
+    sae.recorded_hook = recorded_hook(spec)
     sae.eval()
     sae.requires_grad_(False)
     if device is not None:
