@@ -130,7 +130,8 @@ def analysis_params(wildcards):
 def sae_train_inputs(wildcards):
     spec = config["saes"][wildcards.sae]
     return [
-        sae_acts_path(spec["model"], ds, wildcards.sae) for ds in spec["train"]["datasets"]
+        sae_acts_path(spec["model"], ds, wildcards.sae)
+        for ds in spec["train"]["datasets"]
     ]
 
 

@@ -291,7 +291,7 @@ def recorded_hook(spec: Mapping[str, Any], fetch: Fetch | None = None) -> Record
             return None
         return Recorded(layer, hook, f"GemmaScope {repo or 'path'} {folder!r}")
     if fmt == "sparsify":
-        name = Path(folder).name
+        name = str(spec.get("hookpoint") or Path(folder).name)
         cfg_path = fetch("cfg.json")
         transcode = bool(_json(cfg_path).get("transcode")) if cfg_path is not None else False
         parsed = module_hook(name, side="input" if transcode else "output")
