@@ -478,3 +478,53 @@ def test_job_start_check_names_both(tmp_path, llama, tokens):
     assert "blocks.1.hook_resid_post" in text and "blocks.1.hook_mlp_out" in text, text
     assert "\n" not in text
     assert isinstance(recorded_hook({"format": "saelens", "path": str(sae)}), Recorded)
+
+
+def test_metrics_splice_the_sae_at_its_hook(tmp_path, llama, tokens):
+    """CE loss of an mlp_out SAE replaces the MLP output: an identity SAE recovers the clean
+    loss, and zero ablation equals an independent forward with that MLP's output zeroed."""
+    import torch.nn.functional as F  # noqa: N812
+
+    from saeflow.models import layer_modules, load_lm
+    from saeflow.sae.encode import encode_sae
+    from saeflow.sae.metrics import sae_metrics
+
+    acts = tmp_path / "acts"
+    cache_activations({"path": str(llama)}, tokens, acts, layer=1, hook="mlp_out", **KW)
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    eye = torch.eye(32)
+    save_file({"W_enc": torch.cat([eye, -eye], 1), "W_dec": torch.cat([eye, -eye], 0),
+               "b_enc": torch.zeros(64), "b_dec": torch.zeros(32)},
+              str(sae / "sae_weights.safetensors"))  # fmt: skip
+    cfg = {"architecture": "standard", "d_in": 32, "d_sae": 64, "apply_b_dec_to_input": True,
+           "metadata": {"hook_name": "blocks.1.hook_mlp_out"}}  # fmt: skip
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    spec = {"format": "saelens", "path": str(sae), "name": "s"}
+    codes = tmp_path / "codes" / "manifest.json"
+    encode_sae(acts, spec, codes, runtime={"device": "cpu"})
+    result = sae_metrics(acts, codes, spec, {"path": str(llama), "layer": 2}, tokens,
+                         tmp_path / "m.json", runtime={"device": "cpu"},
+                         metrics_cfg={"ce_batch_size": 4, "ce_max_sequences": 6})  # fmt: skip
+    assert (result["layer"], result["hook"]) == (1, "mlp_out")
+    assert result["ce_loss_recon"] == pytest.approx(result["ce_loss_clean"], rel=1e-5)
+
+    model = load_lm(llama, device="cpu", dtype="float32", with_head=True)
+
+    def zero_after_first(_m, _a, out):
+        new = torch.zeros_like(out)
+        new[:, 0] = out[:, 0]
+        return new
+
+    handle = layer_modules(model)[1].mlp.register_forward_hook(zero_after_first)
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for ids in [s for s in _seqs() if len(s) >= 2][:6]:
+                x = torch.tensor([ids])
+                logits = model(input_ids=x).logits
+                total += float(F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum"))
+                count += len(ids) - 1
+    finally:
+        handle.remove()
+    assert result["ce_loss_zero"] == pytest.approx(total / count, rel=1e-4)
