@@ -424,8 +424,7 @@ def prepare_hooks(config: dict[str, Any]) -> None:
     saes = {name: resolve_sae_hookpoint(config, name) for name in config.get("saes", {})}
     models: dict[str, list[HookPoint]] = {}
     for name, spec in config["models"].items():
-        layers = spec.get("layers")
-        layers = [int(spec["layer"])] if layers is None else [int(x) for x in layers]
+        layers = sorted({int(spec["layer"]), *(int(x) for x in spec.get("layers") or [])})
         hooks = spec.get("hooks", [DEFAULT_HOOK])
         for h in hooks:
             if h not in HOOKS:
