@@ -324,15 +324,14 @@ def test_several_layers_and_hooks_per_model(tmp_path, llama):
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
-        (
-            {"hook": "resid_post"},
-            "saes.s.hook = 'resid_post': the SAE's files record layer 1 mlp_out",
-        ),
-        ({"layer": 2}, "saes.s.layer = 2: the SAE's files record layer 1 mlp_out"),
-        ({"hook": "blocks.0.hook_mlp_out"}, "saes.s.layer = 0: the SAE's files record layer 1"),
+        ({"hook": "resid_post"}, "saes.s.hook = 'resid_post': the SAE would be given layer 1 "
+         "resid_post (blocks.1.hook_resid_post) activations, but its files record layer 1 mlp_out"),
+        ({"layer": 2}, "saes.s.layer = 2: the SAE would be given layer 2 mlp_out"),
+        ({"hook": "blocks.0.hook_mlp_out"}, "saes.s.hook = 'blocks.0.hook_mlp_out': the SAE would "
+         "be given layer 0 mlp_out (blocks.0.hook_mlp_out) activations, but its files record"),
         ({"hook": "hook_embed"}, "saes.s.hook = 'hook_embed': not a hook point"),
     ],
-)
+)  # fmt: skip
 def test_recorded_hook_disagreeing_with_config_is_one_line(tmp_path, llama, keys, message):
     sae = _saelens(tmp_path / "sae", "blocks.1.hook_mlp_out")
     with pytest.raises(ConfigError) as err:

@@ -381,21 +381,28 @@ def resolve_sae_hookpoint(config: Mapping[str, Any], name: str) -> HookPoint:
     layer, hook = configured_hook(spec, key)
     recorded = None
     if "train" not in spec and spec.get("source") != "organism":
-        recorded = recorded_hook(sae_spec(dict(config), name))
+        try:
+            recorded = recorded_hook(sae_spec(dict(config), name))
+        except DataError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    model_layer = int(config["models"][spec["model"]]["layer"])
     if recorded is not None:
-        if layer is not None and recorded.layer is not None and layer != recorded.layer:
-            raise ConfigError(
-                f"{key}.layer = {layer}: the SAE's files record {recorded.describe()}"
-            )
-        if hook is not None and recorded.hook is not None and hook != recorded.hook:
-            raise ConfigError(
-                f"{key}.hook = {spec['hook']!r}: the SAE's files record {recorded.describe()}"
-            )
-        layer = recorded.layer if layer is None else layer
-        hook = recorded.hook if hook is None else hook
-    if layer is None:
-        layer = int(config["models"][spec["model"]]["layer"])
-    return HookPoint(int(layer), hook or DEFAULT_HOOK)
+        given = HookPoint(
+            next(x for x in (layer, recorded.layer, model_layer) if x is not None),
+            hook or recorded.hook or DEFAULT_HOOK,
+        )
+        for field, mine, theirs in (
+            ("layer", layer, recorded.layer),
+            ("hook", hook, recorded.hook),
+        ):
+            if mine is not None and theirs is not None and mine != theirs:
+                field = field if spec.get(field) is not None else "hook"  # layer from a TL name
+                raise ConfigError(
+                    f"{key}.{field} = {spec[field]!r}: the SAE would be given {given} "
+                    f"({given.tl_name}) activations, but its files record {recorded.describe()}"
+                )
+        return given
+    return HookPoint(model_layer if layer is None else layer, hook or DEFAULT_HOOK)
 
 
 def _pairs(config: Mapping[str, Any]) -> set[tuple[str, str]]:
