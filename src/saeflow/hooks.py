@@ -446,7 +446,7 @@ def prepare_hooks(config: dict[str, Any]) -> None:
             continue
         for hp in models[name]:
             if hp.layer >= n_layers:
-                users = [s for m, s in _pairs(config) if m == name and saes[s] == hp]
+                users = sorted(s for m, s in _pairs(config) if m == name and saes[s] == hp)
                 key = f"saes.{users[0]}" if users else f"models.{name}.layers"
                 raise ConfigError(
                     f"{key}: layer {hp.layer} is outside models.{name} "
