@@ -108,6 +108,14 @@ def test_recorded_hook_of_each_layout(tmp_path):
     with pytest.raises(ConfigError, match="hook_embed"):
         recorded_hook({"format": "saelens", "path": str(embed)})
 
+    head = _saelens(
+        tmp_path / "head",
+        "blocks.2.attn.hook_z",
+        metadata={"hook_name": "blocks.2.attn.hook_z", "hook_head_index": 3},
+    )
+    with pytest.raises(ConfigError, match="hook_head_index = 3"):
+        recorded_hook({"format": "saelens", "path": str(head)})
+
     dl = tmp_path / "resid_post_layer_3" / "trainer_0"
     dl.mkdir(parents=True)
     trainer = {"dict_class": "BatchTopKSAE", "layer": 3, "submodule_name": "resid_post_layer_3"}

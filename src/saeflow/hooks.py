@@ -260,6 +260,11 @@ def recorded_hook(spec: Mapping[str, Any], fetch: Fetch | None = None) -> Record
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
         name = meta.get("hook_name") or cfg.get("hook_name")
         layer = meta.get("hook_layer", cfg.get("hook_layer"))
+        head = meta.get("hook_head_index", cfg.get("hook_head_index"))
+        if head is not None:
+            raise ConfigError(
+                f"{path}: hook_head_index = {head!r}: SAEs on one attention head are not supported"
+            )
         hook = None
         if name:
             key = "metadata.hook_name" if meta.get("hook_name") else "hook_name"
