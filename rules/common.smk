@@ -8,6 +8,8 @@ YAML vs JSON and a key written at its default change no params.
 
 import re
 
+from saeflow import hooks as sfh
+
 R = "results"
 ENV_TORCH = "../envs/torch.yaml"
 ENV_ANALYSIS = "../envs/analysis.yaml"
@@ -76,8 +78,25 @@ def tokens_path(model, dataset):
     return f"{R}/tokens/{model}/{dataset}.parquet"
 
 
-def acts_path(model, dataset):
-    return f"{R}/activations/{model}/{dataset}/layer_{layer_of(model)}/manifest.json"
+HOOK_NAMES = _names_regex(sfh.HOOKS)
+
+
+def acts_path(model, dataset, layer=None, hook=None):
+    """Manifest of one hook point of `model` on `dataset` (default: its layer, resid_post)."""
+    hp = sfh.model_hookpoint(config, model, layer, hook)
+    return f"{sfh.acts_dir(R, model, dataset, hp)}/manifest.json"
+
+
+def sae_acts_path(model, dataset, sae):
+    """Manifest of the activations `sae` reads on `model` (its recorded or configured hook)."""
+    hp = sfh.sae_hookpoint(config, sae)
+    return f"{sfh.acts_dir(R, model, dataset, hp)}/manifest.json"
+
+
+def hookpoints_params(wildcards):
+    return canonical(
+        [hp.as_dict() for hp in sfh.model_hookpoints(config, wildcards.model)]
+    )
 
 
 def codes_path(model, dataset, sae):
@@ -141,7 +160,10 @@ def analysis_params(wildcards):
 
 def sae_train_inputs(wildcards):
     spec = config["saes"][wildcards.sae]
-    return [acts_path(spec["model"], ds) for ds in spec["train"]["datasets"]]
+    return [
+        sae_acts_path(spec["model"], ds, wildcards.sae)
+        for ds in spec["train"]["datasets"]
+    ]
 
 
 def metrics_targets():
@@ -182,7 +204,7 @@ def model_inputs(wildcards):
 
 
 def acts_input(wildcards):
-    return acts_path(wildcards.model, wildcards.dataset)
+    return sae_acts_path(wildcards.model, wildcards.dataset, wildcards.sae)
 
 
 def sae_inputs(wildcards):

@@ -97,7 +97,6 @@ rule sae_steer:
         "benchmarks/sae_steer/{analysis}.tsv"
     wildcard_constraints:
         analysis=_names("sae_steer"),
-    retries: 2
     conda:
         ENV_TORCH
     threads: 1
@@ -108,6 +107,7 @@ rule sae_steer:
         analysis=analysis_params,
         model=steer_model_params,
         sae=steer_sae_params,
+        hookpoint=steer_hookpoint,
         runtime=RUNTIME,
     script:
         "../scripts/sae_steer.py"

@@ -17,7 +17,7 @@ def repsim_sources(wildcards):
             path = codes_path(s["model"], a["dataset"], s["sae"])
             layer = layer_of(config["saes"][s["sae"]]["model"])
         else:
-            path = f"{R}/activations/{s['model']}/{a['dataset']}/layer_{layer}/manifest.json"
+            path = acts_path(s["model"], a["dataset"], layer=layer)
         out.append(
             {
                 "model": s["model"],
@@ -86,3 +86,9 @@ def compare_pages():
     pages += [f"{REP}/pairs-{a['name']}.html" for a in analyses_of("match_features")]
     pages += [f"{REP}/steer-{a['name']}.html" for a in analyses_of("sae_steer")]
     return pages
+
+
+def steer_hookpoint(wildcards):
+    return canonical(
+        sfh.sae_hookpoint(config, ANALYSES[wildcards.analysis]["sae"]).as_dict()
+    )

@@ -20,4 +20,5 @@ with gpu_slot(str(runtime.get("device", "auto"))):
         page_path=snakemake.output.page,
         codes_path=getattr(snakemake.input, "codes", None),
         tokens_path=getattr(snakemake.input, "tokens", None),
+        hookpoint=dict(snakemake.params.hookpoint),
     )

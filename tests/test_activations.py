@@ -327,18 +327,19 @@ def test_bad_inputs(tmp_path, models, tokens):
 
 
 def test_script(tmp_path, models, tokens):
-    """The Snakemake entry point passes params through and writes the declared manifest."""
-    manifest = tmp_path / "act" / "layer_1" / "manifest.json"
+    """The Snakemake entry points pass params through and write the declared manifests."""
+    manifest = tmp_path / "act" / "manifest.json"
     snakemake = SimpleNamespace(
         input=SimpleNamespace(tokens=str(tokens)),
         output=SimpleNamespace(manifest=str(manifest)),
         params=SimpleNamespace(
             model={"name": "m", "path": str(models["llama"]), "revision": None,
                    "trust_remote_code": False, "layer": 1, "batch_size": 4},
+            hookpoints=[{"layer": 1, "hook": "resid_post"}, {"layer": 0, "hook": "mlp_out"}],
             activations={"format": "pt", "shard_tokens": 64},
             runtime={"device": "cpu", "dtype": "bfloat16", "seed": 0},
         ),
-        wildcards=SimpleNamespace(layer="1"),
+        wildcards=SimpleNamespace(),
         log=[str(tmp_path / "log.txt")],
         threads=1,
     )  # fmt: skip
@@ -349,6 +350,24 @@ def test_script(tmp_path, models, tokens):
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         logging.basicConfig(force=True)
-    m = read_manifest(manifest)
+    assert [(e["layer"], e["hook"]) for e in read_manifest(manifest)["hookpoints"]] == [
+        (0, "mlp_out"),
+        (1, "resid_post"),
+    ]
+    (tmp_path / "act" / "layer_1" / "resid_post" / "manifest.json").unlink()
+    publish = SimpleNamespace(
+        input=SimpleNamespace(set=str(manifest)),
+        output=SimpleNamespace(manifest=str(tmp_path / "act/layer_1/resid_post/manifest.json")),
+        wildcards=SimpleNamespace(layer="1", hook="resid_post"),
+        log=[str(tmp_path / "publish.txt")],
+    )
+    script = script.parent / "publish_hookpoint.py"
+    try:
+        runpy.run_path(str(script), init_globals={"snakemake": publish})
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+        logging.basicConfig(force=True)
+    m = read_manifest(tmp_path / "act" / "layer_1" / "resid_post")
     assert m["format"] == "pt" and m["layer"] == 1 and m["model"] == "m"
+    assert m["hook"] == "resid_post" and m["hook_name"] == "blocks.1.hook_resid_post"
     assert "skipped 0 of" in (tmp_path / "log.txt").read_text()

@@ -50,7 +50,8 @@ def write_acts(folder: Path, seq_lengths: list[list[int]], d: int, seed: int = 0
         "d_model": d,
         "n_tokens": total,
         "n_sequences": seq_id,
-        "layer": 1,
+        "layer": 2,  # the hook point write_saelens records (blocks.2.hook_resid_post)
+        "hook": "resid_post",
         "model": "tiny",
         "shards": shards,
         "config_hash": f"acts{seed}",

@@ -332,16 +332,18 @@ def _kill_group(proc: subprocess.Popen) -> str:
     return out or ""
 
 
-def _sharded_case(run: TinyRun, rule: str) -> tuple[str, str]:
-    """(results-relative output dir, log path) of the job the kill test interrupts."""
+def _sharded_case(run: TinyRun, rule: str) -> tuple[str, str, str]:
+    """(results-relative output dir, log path, target) of the job the kill test interrupts."""
     cfg = _config(run)
     name = _first(cfg, "umap")
     model, dataset, sae = name["model"], name["dataset"], name["sae"]
     layer = cfg["models"][model]["layer"]
     if rule == "cache_activations":
-        rel = f"activations/{model}/{dataset}/layer_{layer}"
-        return rel, f"logs/cache_activations/{model}/{dataset}/layer_{layer}.log"
-    return f"codes/{model}/{dataset}/{sae}", f"logs/encode_sae/{model}/{dataset}/{sae}.log"
+        rel = f"activations/{model}/{dataset}/layer_{layer}/resid_post"
+        target = f"results/activations/{model}/{dataset}/manifest.json"  # the set manifest
+        return rel, f"logs/cache_activations/{model}/{dataset}.log", target
+    rel = f"codes/{model}/{dataset}/{sae}"
+    return rel, f"logs/encode_sae/{model}/{dataset}/{sae}.log", f"results/{rel}/manifest.json"
 
 
 def _unlock(run: TinyRun) -> None:
@@ -376,13 +378,13 @@ def test_killed_sharded_job_resumes_to_the_same_bytes(tiny_run, tmp_path, rule):
     if not _has_delay_hook(SHARD_LOOP[rule]):
         pytest.skip(f"{SHARD_LOOP[rule]} has no SAEFLOW_TEST_SHARD_DELAY hook: the kill would race")
     run = clone_run(tiny_run, tmp_path / "wf")
-    rel, log = _sharded_case(run, rule)
+    rel, log, target = _sharded_case(run, rule)
     out, ref_dir = run.results / rel, tiny_run.results / rel
     reference = files_under(ref_dir, "part-*") | files_under(ref_dir, "manifest.json")
     n_shards = len(json.loads((ref_dir / "manifest.json").read_text())["shards"])
     assert n_shards >= 2, f"{rel}: tiny.yaml must give at least two shards"
     shutil.rmtree(out)
-    target = f"results/{rel}/manifest.json"
+    (run.workdir / target).unlink(missing_ok=True)
     args = (target, "--configfile", run.configfile.name, "--cores", "1")
 
     proc = start_snakemake(run.workdir, *args, env={"SAEFLOW_TEST_SHARD_DELAY": "120"})

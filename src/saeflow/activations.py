@@ -1,16 +1,21 @@
-"""Cache one layer's residual activations (resid_post of block L) to resumable shards.
+"""Cache the activations of many hook points (saeflow.hooks) in one forward pass, to resumable
+shards, one folder per hook point.
 
-Layout of `out_dir` (= results/activations/{model}/{dataset}/layer_{L}/):
-  part-NNNNN.parquet  columns seq_id int32, pos int32, act fixed_size_binary(itemsize*d): the raw
-                      row bytes (bf16 on CUDA, fp32 on CPU). One binary column reads and writes
-                      ~10x faster than fixed_size_list<halffloat>.
-  part-NNNNN.pt       or: torch.save({"seq_id", "pos", "act"}) tensors, read with weights_only.
-  .progress.json      finished shards under the config hash that made them, so a killed job resumes
-  manifest.json       written last; Snakemake declares only this file, so shards survive a kill.
+Layout of `root` = results/activations/{model}/{dataset}/:
+  manifest.json       the set: every hook point with its folder and manifest, written last.
+  layer_{L}/{hook}/   one hook point (`HookPoint.folder`), holding:
+    part-NNNNN.parquet  columns seq_id int32, pos int32, act fixed_size_binary(itemsize*d): the
+                        raw row bytes (bf16 on CUDA, fp32 on CPU). One binary column reads and
+                        writes ~10x faster than fixed_size_list<halffloat>.
+    part-NNNNN.pt       or: torch.save({"seq_id", "pos", "act"}) tensors, read with weights_only.
+    .progress.json      finished shards under the resume key that made them, so a killed job
+                        resumes; each hook point has its own key.
+    manifest.json       written last; the rules declare only the set manifest and publish this
+                        one from it, so shards survive a kill.
 
 The shard plan depends only on the tokens file and `shard_tokens` (consecutive runs of whole
 sequences), and batches never cross shards, so a resumed run writes the same bytes as an
-uninterrupted one.
+uninterrupted one, whichever hook points it had left.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +45,14 @@ from saeflow import verify
 from saeflow.codes import list_column_csr
 from saeflow.devices import resolve_device, resolve_dtype
 from saeflow.errors import ConfigError, DataError
-from saeflow.models import capture_layer, load_lm
+from saeflow.hooks import DEFAULT_HOOK, HOOKS, HookPoint, sort_hookpoints
+from saeflow.models import capture_hooks, load_lm
 from saeflow.utils import seed_everything
 
 log = logging.getLogger("saeflow.activations")
 
 FORMATS = ("parquet", "pt")
 PROGRESS = sio.PROGRESS
-HOOK = "resid_post"
 # Seconds to sleep after each finished shard: lets the kill test catch a run between shards.
 TEST_DELAY_ENV = "SAEFLOW_TEST_SHARD_DELAY"
 _FULL_HASH_LIMIT = 1 << 30
@@ -327,35 +333,127 @@ def cache_activations(
     padding_side: str = "right",
     threads: int | None = None,
     model: nn.Module | None = None,
+    hook: str = DEFAULT_HOOK,
 ) -> dict[str, Any]:
-    """Cache block `layer`'s output for every non-pad token of `tokens_path` into `out_dir`.
+    """Cache one hook point (default: block `layer`'s output) for every non-pad token into
+    `out_dir` itself; `cache_hookpoints` caches many in one pass. Returns the manifest.
 
     model_spec: {path, revision?, trust_remote_code?, name?} (name goes into the manifest).
     Sequences are batched in file order (no sorting: deterministic), padded to the longest in the
     batch, and only real tokens are stored. Other keys of model_spec (layer, batch_size, ...) are
     ignored: the keyword arguments decide. `threads` sets torch's CPU threads; `model` lets a
-    caller reuse a loaded model (bench, tests). Returns the manifest, which is written last.
+    caller reuse a loaded model (bench, tests).
     """
+    hp = _hookpoint(layer, hook)
+    opts = _Options(fmt, batch_size, shard_tokens, device, dtype, seed, padding_side, threads)
+    return _cache(model_spec, tokens_path, [(hp, Path(out_dir))], opts, model)[0]
+
+
+def cache_hookpoints(
+    model_spec: Mapping[str, Any],
+    tokens_path: str | os.PathLike,
+    root: str | os.PathLike,
+    hookpoints: Sequence[HookPoint | Mapping[str, Any]],
+    *,
+    batch_size: int,
+    fmt: str = "parquet",
+    shard_tokens: int = 16384,
+    device: str = "auto",
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    padding_side: str = "right",
+    threads: int | None = None,
+    model: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Cache every hook point in one forward pass per batch, into `root`/layer_L/hook/.
+
+    The model is loaded up to the deepest layer still to do, and each batch's forward stops
+    after the last hook point it needs. Each hook point keeps its own shards, progress file and
+    resume key (adding a hook point never invalidates another's shards; a resumed run does only
+    the shards each one lacks). `root`/manifest.json, written last, lists every hook point with
+    its manifest; the rules publish each from there.
+    """
+    if not hookpoints:
+        raise ConfigError("cache_hookpoints: no hook points to cache")
+    hps = sort_hookpoints(
+        _hookpoint(int(h["layer"]), str(h.get("hook", DEFAULT_HOOK)))
+        if isinstance(h, Mapping)
+        else h
+        for h in hookpoints
+    )
+    root = Path(root)
+    (root / sio.MANIFEST).unlink(missing_ok=True)  # the set is complete only when rewritten
+    opts = _Options(fmt, batch_size, shard_tokens, device, dtype, seed, padding_side, threads)
+    manifests = _cache(model_spec, tokens_path, [(hp, root / hp.folder) for hp in hps], opts, model)
+    first = manifests[0]
+    entry_keys = ("n_tokens", "n_sequences", "model", "revision")
+    set_manifest = {
+        **{k: first[k] for k in entry_keys},
+        "hookpoints": [
+            {**hp.as_dict(), "folder": hp.folder, "manifest": m}
+            for hp, m in zip(hps, manifests, strict=True)
+        ],
+    }
+    sio.write_manifest(root, set_manifest)
+    return set_manifest
+
+
+def _hookpoint(layer: Any, hook: str) -> HookPoint:
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise ConfigError(f"layer: {layer!r} must be a non-negative integer")
+    if hook not in HOOKS:
+        raise ConfigError(f"hook: {hook!r} is not one of {', '.join(HOOKS)}")
+    return HookPoint(layer, hook)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The caching parameters shared by every hook point of one job."""
+
+    fmt: str
+    batch_size: int
+    shard_tokens: int
+    device: str
+    dtype: str
+    seed: int
+    padding_side: str
+    threads: int | None
+
+
+class _HookJob:
+    """One hook point's output folder, resume key, progress and shards still to do."""
+
+    def __init__(self, hp: HookPoint, out_dir: Path, chash: str, progress: dict[str, Any]):
+        self.hp, self.out_dir, self.chash, self.progress = hp, out_dir, chash, progress
+        self.todo: set[int] = set()
+
+
+def _cache(
+    model_spec: Mapping[str, Any],
+    tokens_path: str | os.PathLike,
+    targets: list[tuple[HookPoint, Path]],
+    opts: _Options,
+    model: nn.Module | None,
+) -> list[dict[str, Any]]:
     if not isinstance(model_spec, Mapping) or not model_spec.get("path"):
         raise ConfigError(f"model spec {model_spec!r}: needs a 'path' (local folder or hub name)")
+    fmt, batch_size, shard_tokens = opts.fmt, opts.batch_size, opts.shard_tokens
     if fmt not in FORMATS:
         raise ConfigError(f"activations.format: {fmt!r} is not one of {FORMATS}")
-    if not isinstance(layer, int) or layer < 0:
-        raise ConfigError(f"layer: {layer!r} must be a non-negative integer")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size: {batch_size!r} must be a positive integer")
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ConfigError(f"activations.shard_tokens: {shard_tokens!r} must be a positive integer")
-    if padding_side not in ("left", "right"):
-        raise ConfigError(f"padding_side: {padding_side!r} must be 'left' or 'right'")
-    seed_everything(seed)
-    if threads:
-        torch.set_num_threads(threads)
+    if opts.padding_side not in ("left", "right"):
+        raise ConfigError(f"padding_side: {opts.padding_side!r} must be 'left' or 'right'")
+    seed_everything(opts.seed)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     path = str(model_spec["path"])
     revision = model_spec.get("revision")
     trust = bool(model_spec.get("trust_remote_code", False))
-    dev = next(model.parameters()).device if model is not None else resolve_device(device)
-    torch_dtype = _model_dtype(model) if model is not None else resolve_dtype(dtype, dev)
+    dev = next(model.parameters()).device if model is not None else resolve_device(opts.device)
+    torch_dtype = _model_dtype(model) if model is not None else resolve_dtype(opts.dtype, dev)
     dtype_name = _DTYPE_NAMES[torch_dtype]
 
     tokens_path = Path(tokens_path)
@@ -363,24 +461,45 @@ def cache_activations(
     lengths = np.diff(offsets)
     if lengths.sum() == 0:
         raise DataError(f"{tokens_path}: no tokens to cache")
-    chash = sio.config_hash(
-        {"model": path, "revision": revision, "trust_remote_code": trust},
-        _model_fingerprint(path, revision),
-        {"layer": layer, "batch_size": batch_size, "format": fmt, "shard_tokens": shard_tokens},
-        {"dtype": dtype_name, "device_type": dev.type, "seed": seed, "padding_side": padding_side},
-        {"tokens_sha256": sio.file_sha256(tokens_path), "hook": HOOK, "version": 2},
-        {"row_group_rows": ROW_GROUP_ROWS},
-    )
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    progress = _reconcile(out_dir, chash, fmt)
+    fingerprint = _model_fingerprint(path, revision)
+    tokens_sha = sio.file_sha256(tokens_path)
     plan = plan_shards(lengths, shard_tokens)
     names = [sio.shard_name(i, fmt) for i in range(len(plan))]
-    todo = [i for i, name in enumerate(names) if name not in progress["shards"]]
-    log.info("skipped %d of %d shards (config hash %s)", len(plan) - len(todo), len(plan), chash)
+    jobs: list[_HookJob] = []
+    for hp, out_dir in targets:
+        chash = sio.config_hash(
+            {"model": path, "revision": revision, "trust_remote_code": trust},
+            fingerprint,
+            {
+                "layer": hp.layer,
+                "batch_size": batch_size,
+                "format": fmt,
+                "shard_tokens": shard_tokens,
+            },
+            {
+                "dtype": dtype_name,
+                "device_type": dev.type,
+                "seed": opts.seed,
+                "padding_side": opts.padding_side,
+            },
+            {"tokens_sha256": tokens_sha, "hook": hp.hook, "version": 2},
+            {"row_group_rows": ROW_GROUP_ROWS},
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        job = _HookJob(hp, out_dir, chash, _reconcile(out_dir, chash, fmt))
+        job.todo = {i for i, name in enumerate(names) if name not in job.progress["shards"]}
+        where = f"{hp}: " if len(targets) > 1 else ""
+        log.info(
+            "%sskipped %d of %d shards (config hash %s)",
+            where,
+            len(plan) - len(job.todo),
+            len(plan),
+            chash,
+        )
+        jobs.append(job)
 
-    if todo:
+    busy = [j for j in jobs if j.todo]
+    if busy:
         if model is None:
             model = load_lm(
                 path,
@@ -388,45 +507,49 @@ def cache_activations(
                 trust_remote_code=trust,
                 device=dev,
                 dtype=torch_dtype,
-                upto_layer=layer,
+                upto_layer=max(j.hp.layer for j in busy),
             )
         _run_shards(
             model,
-            layer,
+            busy,
             plan,
-            todo,
             names,
             seq_ids,
             offsets,
             flat,
-            out_dir,
             fmt,
-            progress,
             batch_size=batch_size,
-            padding_side=padding_side,
+            padding_side=opts.padding_side,
             dtype_name=dtype_name,
         )
 
-    shards = [{"file": name, **_shard_counts(progress["shards"][name])} for name in names]
-    manifest = {
-        "format": fmt,
-        "dtype": progress["dtype"],
-        "itemsize": torch.empty((), dtype=getattr(torch, progress["dtype"])).element_size(),
-        "d_model": progress["d_model"],
-        "n_tokens": int(lengths.sum()),
-        "n_sequences": len(seq_ids),
-        "layer": layer,
-        "hook": HOOK,
-        "model": model_spec.get("name", path),
-        "revision": revision,
-        "padding_side": padding_side,
-        "seed": seed,
-        "shards": shards,
-        "config_hash": chash,
-    }
-    sio.write_manifest(out_dir, manifest)
-    log.info("wrote %d tokens in %d shards to %s", manifest["n_tokens"], len(shards), out_dir)
-    return manifest
+    manifests = []
+    for job in jobs:
+        progress = job.progress
+        shards = [{"file": name, **_shard_counts(progress["shards"][name])} for name in names]
+        manifest = {
+            "format": fmt,
+            "dtype": progress["dtype"],
+            "itemsize": torch.empty((), dtype=getattr(torch, progress["dtype"])).element_size(),
+            "d_model": progress["d_model"],
+            "n_tokens": int(lengths.sum()),
+            "n_sequences": len(seq_ids),
+            "layer": job.hp.layer,
+            "hook": job.hp.hook,
+            "hook_name": job.hp.tl_name,
+            "model": model_spec.get("name", path),
+            "revision": revision,
+            "padding_side": opts.padding_side,
+            "seed": opts.seed,
+            "shards": shards,
+            "config_hash": job.chash,
+        }
+        sio.write_manifest(job.out_dir, manifest)
+        log.info(
+            "wrote %d tokens in %d shards to %s", manifest["n_tokens"], len(shards), job.out_dir
+        )
+        manifests.append(manifest)
+    return manifests
 
 
 def _shard_counts(rec: Mapping[str, Any]) -> dict[str, int]:
@@ -435,67 +558,71 @@ def _shard_counts(rec: Mapping[str, Any]) -> dict[str, int]:
 
 def _run_shards(
     model: nn.Module,
-    layer: int,
+    jobs: list[_HookJob],
     plan: list[tuple[int, int]],
-    todo: list[int],
     names: list[str],
     seq_ids: np.ndarray,
     offsets: np.ndarray,
     flat: np.ndarray,
-    out_dir: Path,
     fmt: str,
-    progress: dict[str, Any],
     *,
     batch_size: int,
     padding_side: str,
     dtype_name: str,
 ) -> None:
-    """Forward the missing shards; a single writer thread overlaps disk writes with compute.
+    """Forward the shards any hook point lacks, capturing every hook point that lacks each one
+    in the same pass; a single writer thread overlaps disk writes with compute.
 
     Parquet shards stream a row group whenever ROW_GROUP_ROWS rows have accumulated (batch
     boundaries only, so the layout is deterministic); `.pt` shards are saved whole. The writer
-    runs tasks in submission order, and a shard's record goes into the progress file only after
-    its file has its real name.
+    runs tasks in submission order, and a shard's record goes into its hook point's progress
+    file only after its file has its real name.
     """
     delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
     lengths = np.diff(offsets)
-    total = int(sum(offsets[plan[i][1]] - offsets[plan[i][0]] for i in todo))
+    union = sorted(set().union(*(j.todo for j in jobs)))
+    total = int(sum(offsets[plan[i][1]] - offsets[plan[i][0]] for i in union))
     bar = tqdm(total=total, unit="tok", unit_scale=True, file=sys.stderr, mininterval=2.0)
 
     def finish(
+        job: _HookJob,
         name: str,
         n_seqs: int,
         shard: _ParquetShard | None,
         appends: list[Future],
         rows: tuple[np.ndarray, np.ndarray, torch.Tensor],
+        last: bool,
     ) -> None:
         if shard is not None:
             shard.commit(appends)
         else:
-            _write_shard(out_dir / name, fmt, *rows)
-        progress["shards"][name] = {
+            _write_shard(job.out_dir / name, fmt, *rows)
+        job.progress["shards"][name] = {
             "n_tokens": len(rows[0]),
             "n_sequences": n_seqs,
-            "bytes": (out_dir / name).stat().st_size,
+            "bytes": (job.out_dir / name).stat().st_size,
         }
-        sio.write_json(out_dir / PROGRESS, progress)
-        if delay:
+        sio.write_json(job.out_dir / PROGRESS, job.progress)
+        if delay and last:
             time.sleep(delay)
 
     opened: list[_ParquetShard] = []
     with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: Future | None = None
+        pending: list[Future] = []
         try:
-            for i in todo:
+            for i in union:
+                active = [j for j in jobs if i in j.todo]
+                sites = [(j.hp.layer, j.hp.hook) for j in active]
                 start, stop = plan[i]
                 n_shard = int(offsets[stop] - offsets[start])
                 lens_S = lengths[start:stop]
                 seq_N = np.repeat(seq_ids[start:stop], lens_S).astype(np.int32)
                 pos_N = np.arange(n_shard) - np.repeat(offsets[start:stop] - offsets[start], lens_S)
                 pos_N = pos_N.astype(np.int32)
-                acts_ND: torch.Tensor | None = None  # allocated once D and dtype are known
-                shard: _ParquetShard | None = None
-                appends: list[Future] = []
+                # Allocated once each hook point's width and dtype are known.
+                bufs: list[torch.Tensor | None] = [None] * len(active)
+                shards: list[_ParquetShard | None] = [None] * len(active)
+                appends: list[list[Future]] = [[] for _ in active]
                 row = flushed = 0
                 for b0 in range(start, stop, batch_size):
                     b1 = min(b0 + batch_size, stop)
@@ -505,32 +632,48 @@ def _run_shards(
                     ids_BP, mask_BP = _batch_inputs(
                         lens_B, flat[offsets[b0] : offsets[b1]], padding_side
                     )
-                    acts_BPD = capture_layer(model, layer, ids_BP, mask_BP)
-                    if acts_ND is None:
-                        acts_ND = torch.empty(n_shard, acts_BPD.shape[-1], dtype=acts_BPD.dtype)
-                        if fmt == "parquet":
-                            width = acts_ND.shape[1] * acts_ND.element_size()
-                            shard = _ParquetShard(out_dir / names[i], width)
-                            opened.append(shard)
+                    captured = capture_hooks(model, sites, ids_BP, mask_BP)
                     n = int(lens_B.sum())
-                    _gather_rows(acts_BPD, mask_BP, acts_ND[row : row + n])
+                    for k, acts_BPD in enumerate(captured):
+                        if bufs[k] is None:
+                            bufs[k] = torch.empty(n_shard, acts_BPD.shape[-1], dtype=acts_BPD.dtype)
+                            if fmt == "parquet":
+                                width = acts_BPD.shape[-1] * acts_BPD.element_size()
+                                shards[k] = _ParquetShard(active[k].out_dir / names[i], width)
+                                opened.append(shards[k])
+                        _gather_rows(acts_BPD, mask_BP, bufs[k][row : row + n])
                     row += n
                     bar.update(n)
-                    if shard is not None and (row - flushed >= ROW_GROUP_ROWS or row == n_shard):
+                    if fmt == "parquet" and (row - flushed >= ROW_GROUP_ROWS or row == n_shard):
                         rows = slice(flushed, row)
-                        args = (seq_N[rows], pos_N[rows], acts_ND[rows])
-                        appends.append(writer.submit(shard.append, *args))
+                        for k, shard in enumerate(shards):
+                            args = (seq_N[rows], pos_N[rows], bufs[k][rows])
+                            appends[k].append(writer.submit(shard.append, *args))
                         flushed = row
-                assert acts_ND is not None and row == n_shard, "shard plan and batches disagree"
-                if "d_model" not in progress:
-                    progress["d_model"] = int(acts_ND.shape[1])
-                    progress["dtype"] = _DTYPE_NAMES[acts_ND.dtype]
-                if pending is not None:  # bounds memory to two shards and surfaces errors
-                    pending.result()
-                rows_all = (seq_N, pos_N, acts_ND)
-                pending = writer.submit(finish, names[i], stop - start, shard, appends, rows_all)
-            if pending is not None:
-                pending.result()
+                assert row == n_shard and all(b is not None for b in bufs), (
+                    "plan and batches differ"
+                )
+                for job, buf in zip(active, bufs, strict=True):
+                    if "d_model" not in job.progress:
+                        job.progress["d_model"] = int(buf.shape[1])
+                        job.progress["dtype"] = _DTYPE_NAMES[buf.dtype]
+                for f in pending:  # bounds memory to two shards and surfaces errors
+                    f.result()
+                pending = [
+                    writer.submit(
+                        finish,
+                        job,
+                        names[i],
+                        stop - start,
+                        shards[k],
+                        appends[k],
+                        (seq_N, pos_N, bufs[k]),
+                        k == len(active) - 1,
+                    )
+                    for k, job in enumerate(active)
+                ]
+            for f in pending:
+                f.result()
         except BaseException:
             writer.shutdown(wait=True, cancel_futures=True)
             for shard in opened:
@@ -538,7 +681,11 @@ def _run_shards(
                     shard.abort()
             raise
     bar.close()
-    if progress.get("dtype") != dtype_name:
-        log.warning(
-            "cached dtype %s differs from the requested %s", progress.get("dtype"), dtype_name
-        )
+    for job in jobs:
+        if job.progress.get("dtype") != dtype_name:
+            log.warning(
+                "%s: cached dtype %s differs from the requested %s",
+                job.hp,
+                job.progress.get("dtype"),
+                dtype_name,
+            )

@@ -569,6 +569,9 @@ def check_semantics(config: dict[str, Any], config_dir: Path, *, check_files: bo
             from saeflow.compare.checks import check_compare_analysis
 
             check_compare_analysis(config, analysis, key)
+    from saeflow.hooks import prepare_hooks
+
+    prepare_hooks(config)
 
 
 def model_spec(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -336,3 +336,202 @@ def weight_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
+
+
+# ----------------------------------------------------------------------------- hook points
+#
+# Canonical hooks (saeflow.hooks) resolve onto the modules of one block. Sequential blocks run
+# attention, then the MLP, each added to the residual; "sandwich" blocks (Gemma-2, OLMo-2) norm
+# each sublayer's output before adding it, so attn_out / mlp_out are those norms' outputs.
+# Parallel blocks (GPT-NeoX with use_parallel_residual, GPT-J, Phi) have no resid_mid.
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_ATTN_OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")
+_MLP_DOWN_PROJ = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
+_PRE_MLP_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ln2")
+
+
+def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for name in names:
+        found = getattr(module, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    return None
+
+
+def _is_parallel(model: nn.Module, block: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    for key in ("use_parallel_residual", "parallel_attn", "parallel_residual"):
+        if getattr(config, key, False) is True:
+            return True
+    return (
+        _child(block, _PRE_MLP_NORMS) is None
+        and _child(block, ("post_feedforward_layernorm",)) is None
+    )
+
+
+def hook_site(model: nn.Module, layer: int, hook: str) -> tuple[nn.Module, str]:
+    """(module, "input" | "output") whose input or output is `hook` of block `layer`."""
+    from saeflow.hooks import HOOKS
+
+    blocks = layer_modules(model)
+    if not 0 <= layer < len(blocks):
+        raise ConfigError(f"layer: {layer} is out of range (model has {len(blocks)} blocks loaded)")
+    if hook not in HOOKS:
+        raise ConfigError(f"hook {hook!r} is not one of {', '.join(HOOKS)}")
+    block = blocks[layer]
+    if hook == "resid_pre":
+        return block, "input"
+    if hook == "resid_post":
+        return block, "output"
+    what = f"{type(block).__name__} (block {layer} of {type(model).__name__})"
+    attn, mlp = _child(block, _ATTN_NAMES), _child(block, _MLP_NAMES)
+    sandwich = _child(block, ("post_feedforward_layernorm",)) is not None
+    site: tuple[nn.Module | None, str]
+    if hook == "attn_out":
+        site = (block.post_attention_layernorm if sandwich else attn), "output"
+    elif hook == "mlp_out":
+        site = (block.post_feedforward_layernorm if sandwich else mlp), "output"
+    elif hook == "mlp_in":
+        site = mlp, "input"
+    elif hook == "attn_z":
+        site = (_child(attn, _ATTN_OUT_PROJ) if attn is not None else None), "input"
+    elif hook == "mlp_post":
+        site = (_child(mlp, _MLP_DOWN_PROJ) if mlp is not None else None), "input"
+    else:  # resid_mid: the input of the pre-MLP norm (or of the MLP when it has none)
+        if _is_parallel(model, block):
+            raise ConfigError(
+                f"hook resid_mid: {what} is a parallel attention/MLP block, which has no "
+                "residual stream between attention and MLP"
+            )
+        norm = _child(block, ("pre_feedforward_layernorm",)) if sandwich else None
+        if not sandwich:
+            norm = _child(block, _PRE_MLP_NORMS)
+        site = (norm if norm is not None else mlp), "input"
+    if site[0] is None:
+        raise ConfigError(f"hook {hook}: cannot find its module in {what}")
+    return site[0], site[1]
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value
+    raise RuntimeError("hooked module was called without a tensor input")
+
+
+def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (new, *args[1:]), kwargs
+    key = (
+        "hidden_states"
+        if "hidden_states" in kwargs
+        else next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    )
+    return args, {**kwargs, key: new}
+
+
+def _replace_output(output: Any, new: torch.Tensor) -> Any:
+    if isinstance(output, tuple | list):
+        return type(output)((new, *output[1:]))
+    return new
+
+
+def capture_hooks(
+    model: nn.Module,
+    hookpoints: list[tuple[int, str]],
+    input_ids_BP: torch.Tensor,
+    attention_mask_BP: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Activations (B, P, D_h) of every (layer, hook), from one forward pass that stops as soon
+    as the last of them has been read (nothing after it runs)."""
+    sites = [hook_site(model, layer, hook) for layer, hook in hookpoints]
+    captured: list[torch.Tensor | None] = [None] * len(sites)
+    left = [len(sites)]
+    handles = []
+
+    def make(i: int, mode: str) -> Callable:
+        def on_output(_module: nn.Module, _args: Any, output: Any) -> None:
+            take(_block_hidden(output))
+
+        def on_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            take(_first_input(args, kwargs))
+
+        def take(acts_BPD: torch.Tensor) -> None:
+            if captured[i] is None:
+                captured[i] = acts_BPD
+                left[0] -= 1
+            if left[0] == 0:
+                raise _StopForwardError
+
+        return on_output if mode == "output" else on_input
+
+    for i, (module, mode) in enumerate(sites):
+        if mode == "output":
+            handles.append(module.register_forward_hook(make(i, mode)))
+        else:
+            handles.append(module.register_forward_pre_hook(make(i, mode), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            model(**model_inputs(model, input_ids_BP, attention_mask_BP))
+    except _StopForwardError:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [hp for hp, acts in zip(hookpoints, captured, strict=True) if acts is None]
+    if missing:
+        raise RuntimeError(f"hook points {missing} did not run during the forward pass")
+    return captured  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def splice_hook(
+    model: nn.Module, layer: int, hook: str, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, every forward has (layer, hook) replaced by `fn(acts_BPD)`.
+
+    resid_mid is read at the pre-MLP norm's input, after the residual branch was taken, so its
+    replacement also adds (new - old) to the MLP's contribution: the block output becomes
+    new + mlp(norm(new)), as if the residual stream itself had been replaced.
+    """
+    module, mode = hook_site(model, layer, hook)
+    handles = []
+    delta: list[torch.Tensor | None] = [None]
+
+    def on_output(_module: nn.Module, _args: Any, output: Any) -> Any:
+        acts_BPD = _block_hidden(output)
+        return _replace_output(output, fn(acts_BPD).to(acts_BPD.dtype))
+
+    def on_input(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        acts_BPD = _first_input(args, kwargs)
+        new_BPD = fn(acts_BPD).to(acts_BPD.dtype)
+        if hook == "resid_mid":
+            delta[0] = new_BPD - acts_BPD
+        return _replace_input(args, kwargs, new_BPD)
+
+    def add_delta(_module: nn.Module, _args: Any, output: Any) -> Any:
+        if delta[0] is None:
+            return output
+        out_BPD = _block_hidden(output)
+        shifted = out_BPD + delta[0].to(out_BPD.dtype)
+        delta[0] = None
+        return _replace_output(output, shifted)
+
+    if mode == "output":
+        handles.append(module.register_forward_hook(on_output))
+    else:
+        handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
+    if hook == "resid_mid":
+        out_module, _ = hook_site(model, layer, "mlp_out")
+        handles.append(out_module.register_forward_hook(add_delta))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

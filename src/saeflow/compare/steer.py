@@ -1,7 +1,8 @@
-"""The `sae_steer` analysis: add alpha * W_dec[f] to block `layer`'s output and watch what changes.
+"""The `sae_steer` analysis: add alpha * W_dec[f] at the SAE's hook point and watch what changes.
 
-The SAE's own layer and hook (resid_post of block `layer`, through `saeflow.models.splice_layer`,
-the splice MFA steering uses) receive x <- x + alpha d_f at every position, d_f the decoder
+The SAE's own layer and hook (recorded in its files or configured; resid_post of the model's
+`layer` by default, through `saeflow.models.splice_hook`, whose resid_post case is the splice MFA
+steering uses) receive x <- x + alpha d_f at every position, d_f the decoder
 direction of feature f as the SAE decodes it (in activation space). For every prompt x feature x
 alpha we report:
 - the top increases and drops of the last-position logits against the unsteered run;
@@ -87,6 +88,7 @@ def steer_sae_features(
     directions: dict[int, torch.Tensor],
     layer: int,
     *,
+    hook: str = "resid_post",
     prompts: list[str],
     features: list[int],
     alphas: list[float],
@@ -97,16 +99,17 @@ def steer_sae_features(
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Long table of logit changes and moved features; a list of runs with continuations."""
     from saeflow.mfa.steer import encode_prompt, last_logits, top_changes
-    from saeflow.models import splice_layer
+    from saeflow.models import splice_hook
 
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     for p_idx, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, prompt, chat)
         clean: list[torch.Tensor] = []
-        with splice_layer(
+        with splice_hook(
             lm,
             layer,
+            hook,
             add_direction_fn(torch.zeros_like(next(iter(directions.values()))), 0.0, clean),
         ):
             base = last_logits(lm, ids)
@@ -114,7 +117,9 @@ def steer_sae_features(
         for f in features:
             for alpha in alphas:
                 rec: list[torch.Tensor] = []
-                with splice_layer(lm, layer, add_direction_fn(directions[f], float(alpha), rec)):
+                with splice_hook(
+                    lm, layer, hook, add_direction_fn(directions[f], float(alpha), rec)
+                ):
                     after = last_logits(lm, ids)
                     cont = greedy(lm, ids, max_new_tokens)
                 delta = after - base
@@ -186,16 +191,17 @@ def run_sae_steer(
     page_path: str | Path | None = None,
     codes_path: str | Path | None = None,
     tokens_path: str | Path | None = None,
+    hookpoint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The rule: load LM and SAE, choose features, steer, write table, info and page."""
-    from transformers import AutoTokenizer
-
+    """The rule: load LM and SAE, choose features, steer at the SAE's hook point (default: the
+    model's layer, resid_post), write table, info and page."""
     from saeflow import load_sae
     from saeflow.codes import load_codes
     from saeflow.devices import resolve_device
     from saeflow.io import atomic_path, write_json
     from saeflow.models import load_lm
     from saeflow.sae.models import check_sae_matches
+    from saeflow.tokenize import load_tokenizer
     from saeflow.utils import seed_everything
 
     seed_everything(int(runtime.get("seed", 0)))
@@ -221,18 +227,20 @@ def run_sae_steer(
             f"analyses {analysis['name']}.features = {bad}: the SAE has features 0..{sae.d_sae - 1}"
         )
     directions = decoder_rows(sae, list(features))
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = load_tokenizer(
         model["path"],
         revision=model.get("revision"),
         trust_remote_code=bool(model.get("trust_remote_code", False)),
     )
-    layer = int(model["layer"])
+    layer = int(hookpoint["layer"]) if hookpoint else int(model["layer"])
+    hook = str(hookpoint["hook"]) if hookpoint else "resid_post"
     df, runs = steer_sae_features(
         lm,
         tokenizer,
         sae,
         directions,
         layer,
+        hook=hook,
         prompts=list(analysis["prompts"]),
         features=list(features),
         alphas=[float(a) for a in analysis["alphas"]],
@@ -246,7 +254,7 @@ def run_sae_steer(
     info = {
         "name": analysis["name"],
         "layer": layer,
-        "hook": "resid_post",
+        "hook": hook,
         "lm": model["path"],
         "features": list(features),
         "alphas": [float(a) for a in analysis["alphas"]],

@@ -43,6 +43,7 @@ from saeflow.codes import (
     write_code_shard,
 )
 from saeflow.errors import ConfigError, DataError
+from saeflow.hooks import check_sae_hook
 from saeflow.sae.formats import load_sae
 from saeflow.sae.models import BaseSAE, check_sae_matches
 from saeflow.sae.sparse import CSR, csr_from_dense, topk_by_magnitude
@@ -254,6 +255,7 @@ def encode_sae(
     device = resolve_device(runtime)
     name = sae_spec.get("name", "sae")
     sae = load_sae(dict(sae_spec), device=device) if sae is None else sae.to(device)
+    check_sae_hook(sae, acts_manifest, f"saes.{name} on {acts_dir}")
     check_sae_matches(sae, int(acts_manifest["d_model"]), f"saes.{name} on {acts_dir}")
     temporal = bool(sae.is_temporal)
     part_dirs = list(TEMPORAL_PARTS) if temporal else ["."]

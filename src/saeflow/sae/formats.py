@@ -31,6 +31,7 @@ import yaml
 
 from saeflow import verify
 from saeflow.errors import ConfigError, DataError
+from saeflow.hooks import recorded_hook
 from saeflow.sae.models import SAE, BaseSAE
 from saeflow.sae.temporal import TemporalSAE
 
@@ -464,6 +465,9 @@ def load_sae(spec: dict[str, Any], *, device: str | torch.device | None = None) 
         raise ConfigError("SAE spec needs path (local) or repo (+ path) (hub)")
     sae = LOADERS[fmt](spec)
     verify.finite_weights(f"saes.{spec.get('name', '?')} ({_describe(spec)})", sae.state_dict())
+    # Where the SAE was trained, as its files record it (checked against the activations); hub
+    # files are read from the cache the loader just filled, with no further download.
+    sae.recorded_hook = recorded_hook(spec)
     sae.eval()
     sae.requires_grad_(False)
     if device is not None:

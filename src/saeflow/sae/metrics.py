@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from saeflow import io as sio
 from saeflow.errors import ConfigError, DataError
+from saeflow.hooks import DEFAULT_HOOK, check_sae_hook
 from saeflow.sae.encode import sequence_batches, sequence_spans
 from saeflow.sae.formats import load_sae
 from saeflow.sae.models import BaseSAE, check_sae_matches
@@ -201,9 +202,11 @@ def ce_metrics(
     *,
     batch_size: int,
     max_sequences: int,
+    hook: str = DEFAULT_HOOK,
 ) -> dict[str, Any]:
-    """Clean, spliced-reconstruction and zero-ablation CE loss (module docstring)."""
-    from saeflow.models import model_inputs, splice_layer
+    """Clean, spliced-reconstruction and zero-ablation CE loss (module docstring), with the SAE
+    spliced in at (layer, hook)."""
+    from saeflow.models import model_inputs, splice_hook
     from saeflow.tokenize import load_tokens
 
     table = load_tokens(tokens_path)
@@ -240,7 +243,7 @@ def ce_metrics(
             if fn is None:
                 logits = model(**inputs).logits
             else:
-                with splice_layer(model, layer, fn):
+                with splice_hook(model, layer, hook, fn):
                     logits = model(**inputs).logits
             loss, count = _ce_sum(logits, ids_d, mask_d)
             totals[name][0] += loss
@@ -286,6 +289,7 @@ def sae_metrics(
     codes_manifest = sio.read_manifest(codes_dir)
     name = sae_spec.get("name", "sae")
     sae = load_sae(dict(sae_spec), device=device) if sae is None else sae.to(device)
+    check_sae_hook(sae, acts_manifest, f"saes.{name} on {acts_dir}")
     check_sae_matches(sae, int(acts_manifest["d_model"]), f"saes.{name} on {acts_dir}")
     if getattr(sae, "transcode", False):
         raise ConfigError(
@@ -298,7 +302,9 @@ def sae_metrics(
             f"{acts_manifest['n_tokens']}; rerun encode_sae"
         )
     result = reconstruction_metrics(sae, acts_dir, device, int(cfg["batch_tokens"]))
-    layer = int(model_spec["layer"])
+    # The SAE is spliced where its activations were read, which the activations record.
+    layer = int(acts_manifest.get("layer", model_spec["layer"]))
+    hook = str(acts_manifest.get("hook", DEFAULT_HOOK))
     if model is None:
         model = load_lm(
             model_spec["path"],
@@ -314,6 +320,7 @@ def sae_metrics(
             model,
             layer,
             tokens_path,
+            hook=hook,
             batch_size=int(cfg["ce_batch_size"]),
             max_sequences=int(cfg["ce_max_sequences"]),
         )
@@ -322,6 +329,7 @@ def sae_metrics(
         sae=name,
         model=model_spec.get("name", acts_manifest.get("model")),
         layer=layer,
+        hook=hook,
         d_sae=sae.d_sae,
         kind="temporal" if sae.is_temporal else "per_token",
         excluded_positions=[0],

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from saeflow import io as sio
 from saeflow.errors import ConfigError, DataError
+from saeflow.hooks import HookPoint
 from saeflow.sae.encode import sequence_spans
 from saeflow.sae.formats import load_sae
 from saeflow.sae.temporal import TemporalSAE
@@ -237,7 +238,7 @@ def _saelens_files(out: Path, tensors: dict[str, torch.Tensor], k: int, info: di
         "rescale_acts_by_decoder_norm": False,
         "metadata": {
             "model_name": info.get("model"),
-            "hook_name": f"blocks.{info.get('layer')}.hook_{info.get('hook') or 'resid_post'}",
+            "hook_name": HookPoint(int(info["layer"]), info["hook"]).tl_name,
             "hook_head_index": None,
             "prepend_bos": True,
             "sae_lens_version": "6.0.0",
@@ -448,7 +449,7 @@ def _train_temporal(acts_paths, out_dir, train_cfg, seed: int) -> dict[str, Any]
     out_dir = Path(out_dir)
     with sio.atomic_dir(out_dir) as tmp:
         conf = sae.config()
-        conf["llm"].update(name=info.get("model"), layer=info.get("layer"))
+        conf["llm"].update(name=info.get("model"), layer=info.get("layer"), hook=info.get("hook"))
         (tmp / "conf.yaml").write_text(yaml.safe_dump(conf, sort_keys=True))
         state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
         save_file(state, str(tmp / "latest_ckpt.safetensors"))
