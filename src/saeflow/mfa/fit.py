@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -300,7 +301,81 @@ def posterior_schema(top: int, R: int) -> pa.Schema:
     )
 
 
+# Posterior rows are buffered into row groups of this many tokens (one per batch would make
+# thousands of tiny row groups); memory stays bounded by one row group.
+POSTERIOR_ROW_GROUP = 65_536
+
+
+def token_batches(
+    x_ND: torch.Tensor, seq_ids_N: np.ndarray, pos_N: np.ndarray, split_N: np.ndarray, size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]]:
+    """(seq_ids, positions, split, x) slices of in-memory tokens."""
+    for s in range(0, x_ND.shape[0], size):
+        yield (
+            seq_ids_N[s : s + size],
+            pos_N[s : s + size],
+            split_N[s : s + size],
+            x_ND[s : s + size],
+        )
+
+
 @torch.no_grad()
+def write_posteriors_stream(
+    model: MFA,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]],
+    path: str | Path,
+    *,
+    top: int,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Stream per-token posteriors to Parquet from (seq_ids, pos, split, x) batches of any size
+    (e.g. activation shards); memory is one batch plus one row group. Returns argmax sizes."""
+    from saeflow.io import atomic_path
+
+    K, R = model.K, model.R
+    top = min(top, K)
+    schema = posterior_schema(top, R)
+    sizes = np.zeros(K, dtype=np.int64)
+    model.eval().to(device)
+    pending: list[pa.Table] = []
+    n_pending = 0
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(str(tmp), schema, compression="zstd")
+        try:
+            for seq_b, pos_b, split_b, x_b in tqdm(
+                batches, desc="posteriors", file=sys.stderr, mininterval=5
+            ):
+                for s in range(0, x_b.shape[0], batch_size):
+                    x = x_b[s : s + batch_size].to(device=device, dtype=torch.float32)
+                    post = model.posterior(x)
+                    top_r, top_k = post["resp_BK"].topk(top, dim=1)
+                    arg = top_k[:, 0]
+                    z_BR = post["Ez_BKR"][torch.arange(x.shape[0], device=device), arg]
+                    arg_np = arg.cpu().numpy().astype(np.int32)
+                    sizes += np.bincount(arg_np, minlength=K)
+                    cols = [
+                        pa.array(np.asarray(seq_b[s : s + batch_size]).astype(np.int32)),
+                        pa.array(np.asarray(pos_b[s : s + batch_size]).astype(np.int32)),
+                        pa.array(np.asarray(split_b[s : s + batch_size]).astype(np.int8)),
+                        pa.array(arg_np),
+                        pa.array(post["log_px_B"].float().cpu().numpy()),
+                        _fixed(top_k.cpu().numpy().astype(np.int32), top),
+                        _fixed(top_r.float().cpu().numpy(), top),
+                        _fixed(z_BR.float().cpu().numpy(), R),
+                    ]
+                    pending.append(pa.Table.from_arrays(cols, schema=schema))
+                    n_pending += x.shape[0]
+                    if n_pending >= POSTERIOR_ROW_GROUP:
+                        writer.write_table(pa.concat_tables(pending), POSTERIOR_ROW_GROUP)
+                        pending, n_pending = [], 0
+            if pending:
+                writer.write_table(pa.concat_tables(pending), POSTERIOR_ROW_GROUP)
+        finally:
+            writer.close()
+    return sizes
+
+
 def write_posteriors(
     model: MFA,
     x_ND: torch.Tensor,
@@ -313,39 +388,15 @@ def write_posteriors(
     batch_size: int,
     device: torch.device,
 ) -> np.ndarray:
-    """Stream per-token posteriors to Parquet in bounded memory; return argmax component sizes."""
-    from saeflow.io import atomic_path
-
-    K, R = model.K, model.R
-    top = min(top, K)
-    schema = posterior_schema(top, R)
-    sizes = np.zeros(K, dtype=np.int64)
-    model.eval().to(device)
-    with atomic_path(path) as tmp:
-        writer = pq.ParquetWriter(str(tmp), schema, compression="zstd")
-        try:
-            for s in range(0, x_ND.shape[0], batch_size):
-                x = x_ND[s : s + batch_size].to(device=device, dtype=torch.float32)
-                post = model.posterior(x)
-                top_r, top_k = post["resp_BK"].topk(top, dim=1)
-                arg = top_k[:, 0]
-                z_BR = post["Ez_BKR"][torch.arange(x.shape[0], device=device), arg]
-                arg_np = arg.cpu().numpy().astype(np.int32)
-                sizes += np.bincount(arg_np, minlength=K)
-                cols = [
-                    pa.array(seq_ids_N[s : s + batch_size].astype(np.int32)),
-                    pa.array(pos_N[s : s + batch_size].astype(np.int32)),
-                    pa.array(split_N[s : s + batch_size].astype(np.int8)),
-                    pa.array(arg_np),
-                    pa.array(post["log_px_B"].float().cpu().numpy()),
-                    _fixed(top_k.cpu().numpy().astype(np.int32), top),
-                    _fixed(top_r.float().cpu().numpy(), top),
-                    _fixed(z_BR.float().cpu().numpy(), R),
-                ]
-                writer.write_table(pa.Table.from_arrays(cols, schema=schema))
-        finally:
-            writer.close()
-    return sizes
+    """Stream per-token posteriors of in-memory tokens to Parquet; return argmax sizes."""
+    return write_posteriors_stream(
+        model,
+        token_batches(x_ND, seq_ids_N, pos_N, split_N, POSTERIOR_ROW_GROUP),
+        path,
+        top=top,
+        batch_size=batch_size,
+        device=device,
+    )
 
 
 def _fixed(values_BX: np.ndarray, width: int) -> pa.FixedSizeListArray:
