@@ -517,8 +517,12 @@ def fit_umap(
     random_state: int | None,
     n_epochs: int | None = None,
     knn: str = "auto",
+    knn_out: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """UMAP embedding [N, n_components] float32 on a precomputed kNN graph (see `knn_graph`)."""
+    """UMAP embedding [N, n_components] float32 on a precomputed kNN graph (see `knn_graph`).
+
+    `knn_out`, when given, receives the graph (`indices`, `distances`), `how` and `seconds`.
+    """
     import time
 
     import umap
@@ -530,6 +534,10 @@ def fit_umap(
     X = densify_if_dense(X)
     start = time.perf_counter()
     graph, how = knn_graph(X, n_neighbors, metric, method=knn, seed=random_state)
+    if knn_out is not None:
+        knn_out.update(
+            indices=graph[0], distances=graph[1], how=how, seconds=time.perf_counter() - start
+        )
     log.info(
         "umap: kNN graph %s of %d %s points x %d dims in %.1f s",
         how,
