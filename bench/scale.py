@@ -18,7 +18,9 @@ is what the stage itself held. The growth exponent of a quantity q is log(q(4N) 
 
     PYTHONPATH=src python bench/scale.py [--only top_examples,matching] [--scale 1.0]
 
-`--scale` multiplies every N (0.25 for a quick look). The page's first load is measured by
+`--scale` multiplies every N (0.25 for a quick look). Children run with a fixed glibc mmap
+threshold (MMAP_THRESHOLD below: the default dynamic one lets freed temporaries fragment the heap,
+which reads as growth). The page's first load is measured by
 `page_first_load_bytes` below: the HTML plus the local scripts and styles it loads eagerly
 (plotly.min.js, shipped once for every page, is counted apart).
 """
@@ -48,6 +50,11 @@ SIZES: dict[str, int] = {
     "umap": 7_500,
     "page": 4_096,
 }
+# glibc raises its mmap threshold as large blocks are freed, after which per-batch temporaries
+# (tens of MB each) fragment the heap: RSS then creeps up with the number of batches although no
+# state grows (MFA posteriors: +120 MB from 4k to 16k tokens by default, +0.6 MB with this).
+# A fixed threshold measures what the stage holds; set MALLOC_MMAP_THRESHOLD_ to override.
+MMAP_THRESHOLD = "131072"
 WIDTH = 16_384  # SAE features for the code stages (a 16k SAE)
 TOPK = 32
 SHARD = 8_192  # tokens per code shard
@@ -408,6 +415,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def measure(stage: str, n: int, work: Path) -> dict[str, Any]:
     spec = prepare(stage, n, work / f"{stage}-{n}")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         capture_output=True,

@@ -443,6 +443,12 @@ def test_posteriors_streamed_from_batches_equal_in_memory(tmp_path):
     assert np.array_equal(mem, streamed) and mem.sum() == N
     a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
     assert a.equals(b)
-    post = model.posterior(x)
-    np.testing.assert_array_equal(a.column("component").to_numpy(), post["resp_BK"].argmax(1))
+    with torch.no_grad():
+        post = model.posterior(x)
+    arg = post["resp_BK"].argmax(1)
+    np.testing.assert_array_equal(a.column("component").to_numpy(), arg)
+    z = np.stack(a.column("z").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(z, post["Ez_BKR"][torch.arange(N), arg], rtol=1e-4, atol=1e-5)
+    top = np.stack(a.column("top_resp").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(top, post["resp_BK"].topk(2, dim=1).values, rtol=1e-5, atol=1e-7)
     assert pq.ParquetFile(tmp_path / "a.parquet").metadata.num_row_groups == 1
