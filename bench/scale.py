@@ -454,7 +454,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="saeflow-scale-") as tmp:
         for stage in stages:
-            n = max(256, int(SIZES[stage] * args.scale) // 256 * 256)
+            step = 1 if stage in ("umap", "page") else 2 * SEQ_LEN
+            n = max(step, int(SIZES[stage] * args.scale) // step * step)
             a = measure(stage, n, Path(tmp))
             b = measure(stage, 4 * n, Path(tmp))
             held_a, held_b = a["peak"] - a["base"], b["peak"] - b["base"]

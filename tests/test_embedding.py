@@ -153,7 +153,9 @@ def test_umap_stage_is_deterministic(
     dense = write_codes_dir(tmp_path / "dense", dense_rows, 32)
     approx = {**analysis, "knn": "approximate"}
     run_umap(approx, dense, tokens, tmp_path / "c.parquet", tmp_path / "c.json")
-    assert "kNN graph approximate (PCA-256 candidates, exact re-ranking) of 30 dense" in caplog.text
+    assert (
+        "kNN graph approximate (full-space candidates, exact re-ranking) of 30 dense" in caplog.text
+    )
     assert info == {"n_sequences": 6, "n_positions": 5, "n_points": 30, "dims": 32}
 
     import pandas as pd
@@ -205,7 +207,7 @@ def test_knn_switches_at_the_documented_size(monkeypatch):
     assert how.startswith("exact")
     monkeypatch.setattr(embedding, "EXACT_KNN_MAX_POINTS", 299)
     (idx, _), how = knn_graph(X, 5, "euclidean")
-    assert how.startswith("approximate (PCA")
+    assert how == "approximate (full-space candidates, exact re-ranking)"
     assert knn_graph(X, 5, "euclidean", method="exact")[1].startswith("exact")
     with pytest.raises(ConfigError, match="knn"):
         knn_graph(X, 5, "euclidean", method="fast")

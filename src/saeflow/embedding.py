@@ -61,7 +61,7 @@ KNN_WORKING_MB = 256
 # force costs N^2 x D: at 10k points of 9216-wide codes about 40 s on 2 cores, 30k about 6 min.
 EXACT_KNN_MAX_POINTS = 10_000
 KNN_METHODS = ("auto", "exact", "approximate")
-APPROX_PCA_DIMS = 256  # projection the approximate search finds candidates in
+APPROX_PCA_DIMS = 512  # projection the approximate search finds candidates in
 APPROX_CANDIDATES = 3  # candidates per neighbour re-ranked on true distances
 PCA_SAMPLE = 4096  # points the projection's principal axes are estimated on
 RERANK_BLOCK = 256  # points re-ranked together (one GEMM against their candidates' union)
@@ -392,6 +392,11 @@ def _gemm_knn(P: Any, k: int, block: int = 2048) -> Any:
     return out
 
 
+def _projects(n: int, d: int, dims: int) -> bool:
+    """Whether the approximate search projects (narrow inputs are searched as they are)."""
+    return d > 2 * dims and n > 2 * dims
+
+
 def _pca_project(X_t: Any, dims: int) -> Any:
     """Rows projected on the top `dims` principal axes of a random subsample (torch RNG).
 
@@ -434,7 +439,7 @@ def approximate_knn(
     m = min(n, APPROX_CANDIDATES * k)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        P = _pca_project(X_t, dims) if d > 2 * dims and n > 2 * dims else X_t
+        P = _pca_project(X_t, dims) if _projects(n, d, dims) else X_t
         cand = _gemm_knn(P, m)
         # k-means order of the projection (a few Lloyd steps from seeded points)
         n_clusters = max(1, n // RERANK_BLOCK)
@@ -484,7 +489,8 @@ def knn_graph(
         return exact_knn(X, n_neighbors, metric), "exact (scikit-learn brute force)"
     if not sp.issparse(X) and metric == "euclidean":
         graph = approximate_knn(X, n_neighbors, seed=0 if seed is None else int(seed))
-        return graph, f"approximate (PCA-{APPROX_PCA_DIMS} candidates, exact re-ranking)"
+        space = f"PCA-{APPROX_PCA_DIMS}" if _projects(*X.shape, APPROX_PCA_DIMS) else "full-space"
+        return graph, f"approximate ({space} candidates, exact re-ranking)"
     from pynndescent import NNDescent
 
     nnd = NNDescent(
