@@ -16,7 +16,7 @@ is what the stage itself held. The growth exponent of a quantity q is log(q(4N) 
                                      printed with its neighbour recall against exact kNN
   page           features            first-load bytes flat in features
 
-    PYTHONPATH=src python bench/scale.py [--only top_examples,matching] [--scale 1.0]
+    PYTHONPATH=src python bench/scale.py [--only top_examples,matching] [--scale 1.0] [--width F]
 
 `--scale` multiplies every N (0.25 for a quick look). Children run with a fixed glibc mmap
 threshold (MMAP_THRESHOLD below: the default dynamic one lets freed temporaries fragment the heap,
@@ -55,7 +55,7 @@ SIZES: dict[str, int] = {
 # state grows (MFA posteriors: +120 MB from 4k to 16k tokens by default, +0.6 MB with this).
 # A fixed threshold measures what the stage holds; set MALLOC_MMAP_THRESHOLD_ to override.
 MMAP_THRESHOLD = "131072"
-WIDTH = 16_384  # SAE features for the code stages (a 16k SAE)
+WIDTH = int(os.environ.get("SAEFLOW_BENCH_WIDTH", 16_384))  # SAE features of the code stages
 TOPK = 32
 SHARD = 8_192  # tokens per code shard
 SEQ_LEN = 128
@@ -439,11 +439,15 @@ def mb(x: float) -> str:
 
 
 def main() -> None:
+    global WIDTH
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(SIZES))
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--width", type=int, default=WIDTH, help="SAE features (131072: seed 001)")
     parser.add_argument("--child")
     args = parser.parse_args()
+    WIDTH = args.width
+    os.environ["SAEFLOW_BENCH_WIDTH"] = str(args.width)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
