@@ -592,8 +592,8 @@ def _to_table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     for field in schema:
         col = df[field.name]
         if pa.types.is_list(field.type):
-            values = [np.asarray(v).tolist() for v in col]
-            arrays.append(pa.array(values, type=field.type))
+            # lists and numpy arrays convert as they are (no per-element Python copies)
+            arrays.append(pa.array(list(col), type=field.type))
         else:
             arrays.append(pa.array(col.to_numpy(), type=field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
