@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,12 @@ from test_diffing import write_codes_dir, write_tokens
 
 from saeflow.embedding import (
     _positions_numpy,
+    approximate_knn,
+    densify_if_dense,
+    exact_knn,
     gather_rows,
     hover_text,
+    knn_graph,
     run_umap,
     sample_positions,
 )
@@ -99,7 +104,9 @@ def test_gather_rows_order_repeats_and_missing():
         gather_rows(doubled(), np.array([0]), np.array([1]))
 
 
-def test_umap_stage_is_deterministic(tmp_path: Path, request: pytest.FixtureRequest):
+def test_umap_stage_is_deterministic(
+    tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+):
     """The file's only UMAP test: two runs of the stage (one numba compile) give the same bytes."""
     rng = np.random.default_rng(0)
     seqs = {i: [f"t{i}_{p}" for p in range(12)] for i in range(7)}
@@ -133,11 +140,22 @@ def test_umap_stage_is_deterministic(tmp_path: Path, request: pytest.FixtureRequ
     except AttributeError:  # -p no:cacheprovider
         cache = tmp_path / "numba"
     outs = []
+    caplog.set_level(logging.INFO, logger="saeflow.embedding")
     for run in ("a", "b"):
         emb, res = tmp_path / run / "embedding.parquet", tmp_path / run / "results.json"
         info = run_umap(analysis, codes, tokens, emb, res, numba_cache_dir=cache)
         outs.append((emb.read_bytes(), res.read_bytes()))
     assert outs[0] == outs[1]
+    assert "kNN graph exact (scikit-learn brute force) of 30 sparse points" in caplog.text
+    # dense codes go over dense; above the exact limit (forced here) the graph is approximate
+    caplog.clear()
+    dense_rows = {key: rng.random(32).astype(np.float32) + 0.1 for key in rows}
+    dense = write_codes_dir(tmp_path / "dense", dense_rows, 32)
+    approx = {**analysis, "knn": "approximate"}
+    run_umap(approx, dense, tokens, tmp_path / "c.parquet", tmp_path / "c.json")
+    assert (
+        "kNN graph approximate (full-space candidates, exact re-ranking) of 30 dense" in caplog.text
+    )
     assert info == {"n_sequences": 6, "n_positions": 5, "n_points": 30, "dims": 32}
 
     import pandas as pd
@@ -155,3 +173,49 @@ def test_umap_stage_is_deterministic(tmp_path: Path, request: pytest.FixtureRequ
     assert res["hover_texts"] == df["hover"].tolist()
     assert res["config"]["act_path"] == "codes" and res["config"]["do_log_scale"] is False
     np.testing.assert_allclose(np.array(res["embedding"]).reshape(30, 3), df[["x", "y", "z"]])
+
+
+def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+    """Points near a few low-dimensional patches (codes have a fast-decaying spectrum)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((12, d)).astype(np.float32) * 3
+    basis = rng.standard_normal((6, d)).astype(np.float32)
+    local = rng.standard_normal((n, 6)).astype(np.float32) @ basis
+    noise = 0.05 * rng.standard_normal((n, d)).astype(np.float32)
+    return np.maximum(centres[rng.integers(0, 12, n)] + local + noise, 0)
+
+
+def test_approximate_knn_recall_and_true_distances():
+    X = _clustered(1500, 600, seed=1)
+    idx, dst = approximate_knn(X, 10, seed=0, dims=32)
+    ref_idx, ref_dst = exact_knn(X, 10, "euclidean")
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, ref_idx, strict=True)])
+    assert recall > 0.9
+    assert (idx[:, 0] == np.arange(len(X))).all() and (dst[:, 0] == 0).all()
+    true = np.linalg.norm(X[:, None, :] - X[idx], axis=2)
+    np.testing.assert_allclose(dst, true, rtol=1e-3, atol=1e-3)
+    assert (np.diff(dst, axis=1) >= -1e-4).all()  # sorted by distance
+    again = approximate_knn(X, 10, seed=0, dims=32)
+    assert np.array_equal(again[0], idx) and np.array_equal(again[1], dst)
+
+
+def test_knn_switches_at_the_documented_size(monkeypatch):
+    from saeflow import embedding
+
+    X = _clustered(300, 40, seed=2)
+    (_, _), how = knn_graph(X, 5, "euclidean")
+    assert how.startswith("exact")
+    monkeypatch.setattr(embedding, "EXACT_KNN_MAX_POINTS", 299)
+    (idx, _), how = knn_graph(X, 5, "euclidean")
+    assert how == "approximate (full-space candidates, exact re-ranking)"
+    assert knn_graph(X, 5, "euclidean", method="exact")[1].startswith("exact")
+    with pytest.raises(ConfigError, match="knn"):
+        knn_graph(X, 5, "euclidean", method="fast")
+
+
+def test_dense_codes_are_handed_over_dense():
+    dense = sp.random(50, 40, density=0.6, format="csr", random_state=0, dtype=np.float32)
+    sparse = sp.random(50, 40, density=0.05, format="csr", random_state=0, dtype=np.float32)
+    out = densify_if_dense(dense)
+    assert isinstance(out, np.ndarray) and np.array_equal(out, dense.toarray())
+    assert sp.issparse(densify_if_dense(sparse))

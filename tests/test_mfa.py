@@ -411,3 +411,44 @@ def test_stages_end_to_end_deterministic_and_escaped(tmp_path):
     assert "<b>" in text and '<script charset="utf-8" src="plotly.min.js"></script>' in text
     assert "&lt;i&gt;hi&lt;/i&gt;" in text and "MFA &lt;t&gt;" in text
     assert (tmp_path / "reports/plotly.min.js").exists()
+
+
+def test_posteriors_streamed_from_batches_equal_in_memory(tmp_path):
+    """Batches of any size (shards) give the same posteriors as the in-memory writer, and the
+    file holds few row groups, not one per batch."""
+    from saeflow.mfa import fit as mfa_fit
+
+    torch.manual_seed(0)
+    N, D, K, R = 700, 6, 3, 2
+    x = torch.randn(N, D)
+    model = MFA(K, D, R)
+    seq = np.repeat(np.arange(70), 10)
+    pos = np.tile(np.arange(10), 70)
+    split = (np.arange(N) % 5 == 0).astype(np.int8)
+    mem = mfa_fit.write_posteriors(
+        model,
+        x,
+        seq,
+        pos,
+        split,
+        tmp_path / "a.parquet",
+        top=2,
+        batch_size=64,
+        device=torch.device("cpu"),
+    )
+    shards = mfa_fit.token_batches(x, seq, pos, split, 333)
+    streamed = mfa_fit.write_posteriors_stream(
+        model, shards, tmp_path / "b.parquet", top=2, batch_size=64, device=torch.device("cpu")
+    )
+    assert np.array_equal(mem, streamed) and mem.sum() == N
+    a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert a.equals(b)
+    with torch.no_grad():
+        post = model.posterior(x)
+    arg = post["resp_BK"].argmax(1)
+    np.testing.assert_array_equal(a.column("component").to_numpy(), arg)
+    z = np.stack(a.column("z").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(z, post["Ez_BKR"][torch.arange(N), arg], rtol=1e-4, atol=1e-5)
+    top = np.stack(a.column("top_resp").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(top, post["resp_BK"].topk(2, dim=1).values, rtol=1e-5, atol=1e-7)
+    assert pq.ParquetFile(tmp_path / "a.parquet").metadata.num_row_groups == 1

@@ -351,3 +351,112 @@ def test_mismatched_tokens_is_one_line_error():
         compute_top_examples(csr, np.array([3]), np.array([0]), tokens_frame([["a"]]))
     with pytest.raises(DataError, match="different tokenizations"):
         compute_top_examples(csr, np.array([0]), np.array([4]), tokens_frame([["a"]]))
+
+
+def _dense_reference(dense: np.ndarray, n: int, n_bins: int):
+    """Independent per-feature reference: Python sort of each column, histogram with np.histogram
+    semantics re-derived by hand (equal bins over [min(0, lo), hi], the top edge in the last bin).
+    """
+    top, stats = [], []
+    for f in range(dense.shape[1]):
+        col = dense[:, f]
+        rows = [r for r in range(len(col)) if col[r] != 0]
+        rows.sort(key=lambda r: (-col[r], r))
+        top += [(f, rank, r, col[r]) for rank, r in enumerate(rows[:n])]
+        nz = col[col != 0].astype(np.float64)
+        hi = max(0.0, nz.max()) if len(nz) else 0.0
+        lo = min(0.0, nz.min()) if len(nz) else 0.0
+        width = hi - lo if hi > lo else 1.0
+        hist = np.zeros(n_bins, np.int64)
+        for v in nz:
+            hist[min(max(int((v - lo) / width * n_bins), 0), n_bins - 1)] += 1
+        stats.append((len(nz), hi, nz.mean() if len(nz) else 0.0, lo, hist))
+    return top, stats
+
+
+def _blocks_of(csr, seq, pos, sizes):
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+
+    def blocks():
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            yield csr[lo:hi], seq[lo:hi], pos[lo:hi]
+
+    return blocks
+
+
+def test_streamed_top_examples_equal_a_dense_reference():
+    rng = np.random.default_rng(11)
+    n_seq, length, n_feat, n = 12, 25, 30, 4
+    dense = rng.exponential(1.0, (n_seq * length, n_feat)).astype(np.float16).astype(np.float32)
+    dense[rng.random(dense.shape) < 0.8] = 0
+    dense[:, 7] = 0  # dead
+    dense[5, 3] = dense[40, 3] = dense[200, 3] = 9.0  # ties: token order decides
+    dense[rng.random(dense.shape) < 0.02] *= -1  # a few negative values widen the histogram
+    seq = np.repeat(np.arange(n_seq), length).astype(np.int32)
+    pos = np.tile(np.arange(length), n_seq).astype(np.int32)
+    toks = [[f"t{s}_{p}" for p in range(length)] for s in range(n_seq)]
+    csr = sp.csr_matrix(dense)
+    blocks = _blocks_of(csr, seq, pos, [7, 50, 1, 100, 142])
+    examples, index = compute_top_examples(
+        None,
+        seq,
+        pos,
+        tokens_frame(toks),
+        n_examples=n,
+        window=(3, 2),
+        n_bins=6,
+        blocks=blocks,
+        n_feat=n_feat,
+    )
+    ref_top, ref_stats = _dense_reference(dense, n, 6)
+    got = list(
+        zip(
+            examples["feature_id"],
+            examples["rank"],
+            examples["seq_id"] * length + examples["pos"],
+            examples["activation"],
+            strict=True,
+        )
+    )
+    assert [(int(a), int(b), int(c), float(d)) for a, b, c, d in got] == [
+        (f, r, row, float(v)) for f, r, row, v in ref_top
+    ]
+    for i, (n_act, hi, mean, lo, hist) in enumerate(ref_stats):
+        row = index.iloc[i]
+        assert row["n_active"] == n_act and row["max_act"] == np.float32(hi)
+        assert row["hist_lo"] == np.float32(lo)
+        np.testing.assert_allclose(row["mean_act"], mean, rtol=1e-6)
+        assert list(row["hist_counts"]) == hist.tolist()
+    # context activations are the dense values of the same feature around each example
+    for ex in examples.itertuples():
+        lo_pos = max(ex.pos - 3, 0)
+        want = dense[
+            ex.seq_id * length + lo_pos : ex.seq_id * length + min(ex.pos + 3, length),
+            ex.feature_id,
+        ]
+        np.testing.assert_array_equal(ex.context_acts, want)
+    # the in-memory call gives the same bytes-level tables
+    mem_ex, mem_index = compute_top_examples(
+        csr, seq, pos, tokens_frame(toks), n_examples=n, window=(3, 2), n_bins=6
+    )
+    pd.testing.assert_frame_equal(mem_ex, examples)
+    pd.testing.assert_frame_equal(mem_index, index)
+
+
+def test_top_examples_state_does_not_grow_with_tokens():
+    from saeflow.geometry.top_examples import TopExamplesState
+
+    rng = np.random.default_rng(3)
+    n_feat, n = 64, 5
+    state = TopExamplesState(n_feat, n, n_bins=8)
+    sizes = []
+    for b in range(40):
+        block = sp.random(
+            500, n_feat, density=0.1, format="csr", dtype=np.float32, random_state=rng
+        )
+        state.update(block, np.full(500, b, np.int32), np.arange(500, dtype=np.int32))
+        sizes.append(state.nbytes())
+    assert state.n_tokens == 40 * 500
+    assert len(state.feat_M) == n_feat * n
+    assert sizes[-1] == sizes[5]  # flat once every feature has its n examples
+    assert sizes[-1] <= n_feat * (n * 24 + 8 * 8 + 40)

@@ -407,6 +407,47 @@ def iter_codes(
         yield as_dense(codes) if dense else codes
 
 
+def shard_readers(path: str | os.PathLike, part: str | None = None) -> list[Any]:
+    """One zero-argument reader per shard (each returns that shard's `Codes`), for random access
+    to shards without holding them: streaming stages that pair or revisit shards use these."""
+    directory, manifest = _resolve(path)
+    name = _part_name(manifest, part, directory)
+    d_sae = int(manifest["d_sae"])
+    parts = manifest["parts"]
+
+    def reader(shard: str) -> Any:
+        if name == "total":
+            return lambda: add_codes(
+                read_code_shard(directory / parts["novel"] / shard, d_sae, "novel"),
+                read_code_shard(directory / parts["pred"] / shard, d_sae, "pred"),
+            )
+        return lambda: read_code_shard(directory / parts[name] / shard, d_sae, name)
+
+    return [reader(shard) for shard in manifest["shards"]]
+
+
+def shard_keys(
+    path: str | os.PathLike, part: str | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(seq_ids, positions) of every shard, reading only those two columns (8 bytes a token)."""
+    directory, manifest = _resolve(path)
+    name = _part_name(manifest, part, directory)
+    sub = manifest["parts"]["novel" if name == "total" else name]
+    out = []
+    for shard in manifest["shards"]:
+        try:
+            table = pq.read_table(directory / sub / shard, columns=["seq_id", "pos"])
+        except (OSError, pa.ArrowInvalid, KeyError) as err:
+            raise DataError(f"{directory / sub / shard}: unreadable code shard ({err})") from None
+        out.append(
+            (
+                table.column("seq_id").to_numpy().astype(np.int32),
+                table.column("pos").to_numpy().astype(np.int32),
+            )
+        )
+    return out
+
+
 def load_codes(
     path: str | os.PathLike, part: str | None = None, *, dense: bool = False
 ) -> AnyCodes:

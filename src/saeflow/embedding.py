@@ -9,10 +9,16 @@ Like the notebooks, positions are neither deduplicated nor sorted again: a log g
 range repeats positions, and every repeat is a point. Only sequences longer than max_p are used,
 so every sequence has every position (the results.json arrays are B x P).
 
-UMAP cost: umap-learn compiles numba kernels in every new process (PERF.md). Two mitigations:
-- an exact kNN graph (scikit-learn) is passed as `precomputed_knn`, which skips NN-descent and its
-  ~50 s compile (the graph is exact instead of approximate; with random_state the fit is
-  deterministic);
+UMAP cost: umap-learn compiles numba kernels in every new process (PERF.md), and its own kNN
+search (NN-descent) is slow and inexact on wide dense codes. So the kNN graph is computed here and
+passed as `precomputed_knn`, which also skips NN-descent's ~50 s compile:
+- up to EXACT_KNN_MAX_POINTS points (`knn: auto`), or always with `knn: exact`: exact brute force
+  (scikit-learn, distance blocks of KNN_WORKING_MB);
+- above, or with `knn: approximate`: for dense Euclidean input, candidates from an exact search in
+  a seeded PCA projection re-ranked on their true distances (`approximate_knn`); for sparse input
+  or other metrics, NN-descent (pynndescent). The log names the method used.
+Gathered codes at least DENSE_ABOVE dense are handed over as a dense array, never as CSR.
+Mitigation for the compile:
 - `enable_numba_cache(dir)` turns on numba's on-disk cache for umap's own kernels (umap does not
   ask for it), so that a warm-up job (`warmup`) can compile them into a shared directory while
   earlier stages run. The cache only stores machine code; results are identical with or without.
@@ -49,8 +55,19 @@ CODE_KINDS = ("pred", "novel", "total", "activations")
 PARQUET_OPTS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
 # Matches chat-template markers such as <start_of_turn>, <|im_start|>, <bos>: highlighted in hovers.
 MARKER = re.compile(r"^<\|?[A-Za-z][A-Za-z0-9_]*\|?>$")
-HOVER_LINE_TOKENS = 15
-KNN_WORKING_MB = 256  # a <br> every 15 tokens, as in the notebooks
+HOVER_LINE_TOKENS = 15  # a <br> every 15 tokens, as in the notebooks
+KNN_WORKING_MB = 256
+# kNN: exact (brute force) up to this many points, approximate above (see `knn_graph`). Brute
+# force costs N^2 x D: at 10k points of 9216-wide codes about 40 s on 2 cores, 30k about 6 min.
+EXACT_KNN_MAX_POINTS = 10_000
+KNN_METHODS = ("auto", "exact", "approximate")
+APPROX_PCA_DIMS = 512  # projection the approximate search finds candidates in
+APPROX_CANDIDATES = 3  # candidates per neighbour re-ranked on true distances
+PCA_SAMPLE = 4096  # points the projection's principal axes are estimated on
+RERANK_BLOCK = 256  # points re-ranked together (one GEMM against their candidates' union)
+# Gathered codes at least this dense go to the kNN search as a dense array: CSR kNN on dense
+# codes is ~30x slower, and a CSR row costs 8 bytes a non-zero against 4 a column dense.
+DENSE_ABOVE = 0.25
 UMAP_DEFAULTS: dict[str, Any] = {
     "min_p": 0,
     "max_p": 49,
@@ -64,6 +81,7 @@ UMAP_DEFAULTS: dict[str, Any] = {
     "hover_window": 50,
     "n_epochs": None,
     "num_sequences": None,
+    "knn": "auto",
 }
 
 
@@ -101,7 +119,8 @@ RowBlock = tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], "sp.csr_matrix |
 def iter_row_blocks(path: str | os.PathLike, kind: str | None) -> Iterator[RowBlock]:
     """Yield (seq_ids, positions, take) per shard; `take(rows)` returns those rows only.
 
-    Rows come back as CSR float32 codes, or dense float32 activations. `kind` is "activations"
+    Rows come back as CSR float32 codes, or dense float32 rows for activations and for dense code
+    shards (exact predictable codes), which are never turned into CSR. `kind` is "activations"
     (an activations directory) or a part from `resolve_part`. Taking rows lazily means a shard's
     codes are never converted as a whole when only a few of its tokens are wanted.
     """
@@ -111,9 +130,11 @@ def iter_row_blocks(path: str | os.PathLike, kind: str | None) -> Iterator[RowBl
         for seq_ids, positions, acts_ND in iter_activation_shards(path):
             yield seq_ids, positions, lambda rows, a=acts_ND: a[rows].float().numpy()
         return
-    from saeflow.codes import iter_codes
+    from saeflow.codes import DenseCodes, iter_codes
 
-    def take(codes: Any, rows: np.ndarray) -> sp.csr_matrix:
+    def take(codes: Any, rows: np.ndarray) -> sp.csr_matrix | np.ndarray:
+        if isinstance(codes, DenseCodes):
+            return codes.codes_NF[rows].astype(np.float32, copy=False)
         if len(rows) == len(codes):
             return codes.to_scipy()
         mask = np.zeros(len(codes), bool)
@@ -362,6 +383,139 @@ def exact_knn(X: sp.csr_matrix | np.ndarray, n_neighbors: int, metric: str):
     return idx.astype(np.int64), dists.astype(np.float32)
 
 
+def _gemm_knn(P: Any, k: int, block: int = 2048) -> Any:
+    """Exact Euclidean kNN indices [N, k] of the rows of a dense torch matrix (blocked GEMM)."""
+    import torch
+
+    sq = (P * P).sum(1)
+    out = torch.empty((P.shape[0], k), dtype=torch.int64)
+    for lo in range(0, P.shape[0], block):
+        d = sq[lo : lo + block, None] + sq[None, :] - 2.0 * (P[lo : lo + block] @ P.T)
+        out[lo : lo + block] = d.topk(k, dim=1, largest=False).indices
+    return out
+
+
+def _projects(n: int, d: int, dims: int) -> bool:
+    """Whether the approximate search projects (narrow inputs are searched as they are)."""
+    return d > 2 * dims and n > 2 * dims
+
+
+def _pca_project(X_t: Any, dims: int) -> Any:
+    """Rows projected on the top `dims` principal axes of a random subsample (torch RNG).
+
+    A randomized range finder with one power iteration on PCA_SAMPLE rows: five GEMMs of
+    PCA_SAMPLE x D x dims (torch.svd_lowrank does the same work about 4x slower here).
+    """
+    import torch
+
+    sample = X_t[torch.randperm(X_t.shape[0])[:PCA_SAMPLE]]
+    mean = sample.mean(0)
+    centred = sample - mean
+    basis = torch.linalg.qr(centred @ torch.randn(X_t.shape[1], dims + 8)).Q
+    basis = torch.linalg.qr(centred @ (centred.T @ basis)).Q
+    B = basis.T @ centred  # [dims + 8, D]
+    evals, U = torch.linalg.eigh(B @ B.T)
+    top = evals.flip(0)[:dims].clamp(min=1e-12).sqrt()
+    V = (B.T @ U.flip(1)[:, :dims]) / top  # [D, dims], orthonormal columns
+    return (X_t - mean) @ V
+
+
+def approximate_knn(
+    X: np.ndarray, n_neighbors: int, *, seed: int = 0, dims: int = APPROX_PCA_DIMS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate Euclidean kNN of dense rows: PCA candidates, then exact re-ranking.
+
+    1. Project onto the top `dims` principal axes (seeded randomized PCA of a subsample).
+    2. Exact kNN in that space gives APPROX_CANDIDATES x k candidates per point (a GEMM over
+       N x N x dims instead of N x N x D).
+    3. Candidates are re-ranked on their true distances in the full space. Points are visited in
+       the order of a k-means clustering of the projection, so a block of nearby points shares
+       most of its candidates and one dense GEMM (block x union of candidates x D) scores them.
+    Distances are exact for the neighbours returned; recall against exact kNN is what
+    `bench/scale.py` prints. Deterministic for a seed. Self is always the first neighbour.
+    """
+    import torch
+
+    X_t = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    n, d = X_t.shape
+    k = min(n_neighbors, n)
+    m = min(n, APPROX_CANDIDATES * k)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        P = _pca_project(X_t, dims) if _projects(n, d, dims) else X_t
+        cand = _gemm_knn(P, m)
+        # k-means order of the projection (a few Lloyd steps from seeded points)
+        n_clusters = max(1, n // RERANK_BLOCK)
+        cent = P[torch.randperm(n)[:n_clusters]].clone()
+        p_sq = (P * P).sum(1)
+        for _ in range(8):
+            dist = p_sq[:, None] + (cent * cent).sum(1)[None, :] - 2.0 * P @ cent.T
+            label = dist.argmin(1)
+            counts = torch.bincount(label, minlength=n_clusters).clamp_(min=1)
+            cent = torch.zeros_like(cent).index_add_(0, label, P) / counts[:, None]
+    order = torch.argsort(label * n + torch.arange(n))
+    x_sq = (X_t * X_t).sum(1)
+    idx = np.empty((n, k), np.int64)
+    dst = np.empty((n, k), np.float32)
+    for lo in range(0, n, RERANK_BLOCK):
+        rows = order[lo : lo + RERANK_BLOCK]
+        c = cand[rows]
+        union, local = torch.unique(c, return_inverse=True)
+        scores = X_t[rows] @ X_t[union].T  # [b, |union|]
+        d2 = x_sq[rows, None] + x_sq[c] - 2.0 * torch.gather(scores, 1, local)
+        d2 = d2.clamp_(min=0.0)
+        d2[c == rows[:, None]] = -1.0  # self first, at distance 0
+        top_d, top_j = d2.topk(k, dim=1, largest=False)
+        idx[rows.numpy()] = torch.gather(c, 1, top_j).numpy()
+        dst[rows.numpy()] = top_d.clamp_(min=0.0).sqrt_().numpy()
+    return idx, dst
+
+
+def knn_graph(
+    X: sp.csr_matrix | np.ndarray,
+    n_neighbors: int,
+    metric: str,
+    *,
+    method: str = "auto",
+    seed: int | None = 0,
+) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    """(kNN graph, how): exact up to EXACT_KNN_MAX_POINTS points, approximate above.
+
+    Approximate kNN is `approximate_knn` for dense Euclidean input and NN-descent (pynndescent)
+    otherwise (sparse codes or another metric). `method` forces exact or approximate.
+    """
+    if method not in KNN_METHODS:
+        raise ConfigError(f"knn = {method!r}: one of {', '.join(KNN_METHODS)}")
+    n = X.shape[0]
+    exact = method == "exact" or (method == "auto" and n <= EXACT_KNN_MAX_POINTS)
+    if exact:
+        return exact_knn(X, n_neighbors, metric), "exact (scikit-learn brute force)"
+    if not sp.issparse(X) and metric == "euclidean":
+        graph = approximate_knn(X, n_neighbors, seed=0 if seed is None else int(seed))
+        space = f"PCA-{APPROX_PCA_DIMS}" if _projects(*X.shape, APPROX_PCA_DIMS) else "full-space"
+        return graph, f"approximate ({space} candidates, exact re-ranking)"
+    from pynndescent import NNDescent
+
+    nnd = NNDescent(
+        X,
+        n_neighbors=min(n_neighbors, n),
+        metric=metric,
+        random_state=seed,
+        n_jobs=1 if seed is not None else -1,
+        low_memory=True,
+        compressed=True,
+    )
+    idx, dists = nnd.neighbor_graph
+    return (idx.astype(np.int64), dists.astype(np.float32)), "approximate (NN-descent)"
+
+
+def densify_if_dense(X: sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """Dense codes as a dense array: CSR only pays off for sparse ones (see DENSE_ABOVE)."""
+    if sp.issparse(X) and X.shape[0] * X.shape[1] and X.nnz >= DENSE_ABOVE * np.prod(X.shape):
+        return np.asarray(X.toarray(), dtype=np.float32)
+    return X
+
+
 def fit_umap(
     X: sp.csr_matrix | np.ndarray,
     *,
@@ -371,15 +525,36 @@ def fit_umap(
     metric: str,
     random_state: int | None,
     n_epochs: int | None = None,
+    knn: str = "auto",
+    knn_out: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """UMAP embedding [N, n_components] float32 on an exact, precomputed kNN graph."""
+    """UMAP embedding [N, n_components] float32 on a precomputed kNN graph (see `knn_graph`).
+
+    `knn_out`, when given, receives the graph (`indices`, `distances`), `how` and `seconds`.
+    """
+    import time
+
     import umap
 
     if X.shape[0] <= n_neighbors:
         raise DataError(
             f"umap: {X.shape[0]} points but n_neighbors = {n_neighbors}; embed more points"
         )
-    knn = exact_knn(X, n_neighbors, metric)
+    X = densify_if_dense(X)
+    start = time.perf_counter()
+    graph, how = knn_graph(X, n_neighbors, metric, method=knn, seed=random_state)
+    if knn_out is not None:
+        knn_out.update(
+            indices=graph[0], distances=graph[1], how=how, seconds=time.perf_counter() - start
+        )
+    log.info(
+        "umap: kNN graph %s of %d %s points x %d dims in %.1f s",
+        how,
+        X.shape[0],
+        "sparse" if sp.issparse(X) else "dense",
+        X.shape[1],
+        time.perf_counter() - start,
+    )
     reducer = umap.UMAP(
         n_components=n_components,
         n_neighbors=n_neighbors,
@@ -387,7 +562,7 @@ def fit_umap(
         metric=metric,
         random_state=random_state,
         n_epochs=n_epochs,
-        precomputed_knn=knn,
+        precomputed_knn=graph,
     )
     with warnings.catch_warnings():
         # "n_jobs overridden by random_state" and "no NNDescent search index": both expected.
@@ -502,6 +677,7 @@ def run_umap(
         metric=opts["metric"],
         random_state=opts["random_state"],
         n_epochs=opts["n_epochs"],
+        knn=opts["knn"],
     )
 
     roles_col = table.column("roles").to_pylist()

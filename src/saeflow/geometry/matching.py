@@ -1,25 +1,30 @@
 """Matching features of two SAEs by the Pearson correlation of their activations.
 
 The full [F_a, F_b] correlation matrix of two 16k-32k SAEs does not fit in memory (and most of
-it is never needed), so the columns of B are processed in batches: for each batch the sparse Gram
-block `A^T B[:, batch]` costs only N * k_a * k_b multiply-adds (codes are sparse), is turned into
-correlations with the column means and standard deviations, and only the top-k of each row and
-column is kept. A -> B is merged across batches; B -> A is complete inside its batch. The two
-directions differ (argmax is not symmetric), so both are kept and mutual nearest neighbours flagged.
+it is never needed), and neither do the codes of a long run. So the codes are read as a stream of
+aligned token blocks (shard by shard) and only sufficient statistics are kept: column sums and
+sums of squares of both sides (O(F)) and, for one slice of B's columns per pass, the dense
+cross-product block `A^T B[:, slice]` that every token block adds its sparse product into (N_s *
+k_a * k_b multiply-adds per block: codes are sparse). Time is linear in tokens (each pass reads
+every block once), memory flat: one block plus the Gram slice. The slice is then turned into
+correlations with the column means and standard deviations in `batch_size`-column batches, and
+only the top-k of each row and column is kept. A -> B is merged across batches; B -> A is complete
+inside its batch. The two directions differ (argmax is not symmetric), so both are kept and mutual
+nearest neighbours flagged.
 
 Features with zero variance (dead, or constant) have no defined correlation: they are masked out of
 the ranking and get no match rows, so no NaN ever reaches the outputs.
 
-Memory: the largest objects alive in one batch are the sparse Gram block (at most F_a * batch
-entries), its dense copy and the correlation block, all O(F_a * batch_size); `peak_batch_bytes` in
-the stats is the sum of their actual sizes, measured batch by batch (on CUDA also
-`torch.cuda.max_memory_allocated`).
+Memory: the largest objects alive are the Gram slice (F_a * pass columns float32), one block's
+sparse product and the correlation batch; `peak_batch_bytes` in the stats is the sum of their
+actual sizes, measured batch by batch (on CUDA also `torch.cuda.max_memory_allocated`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +124,18 @@ def _torch_csr(mat: sp.csr_matrix, device: Any) -> Any:
     )
 
 
+# A prepared block of aligned tokens: A^T as CSR [F_a, n] and B as CSC [n, F_b].
+PairBlocks = Callable[[], Iterable[tuple[sp.csr_matrix, sp.csc_matrix]]]
+# Columns of B per pass over the codes in the file-streaming stage: the pass's Gram block is
+# F_a x columns float32, so this bounds the stage's memory whatever the number of tokens.
+GRAM_PASS_BYTES = 256 * 2**20
+
+
+def prepare_pair(A: sp.csr_matrix, B: sp.csr_matrix) -> tuple[sp.csr_matrix, sp.csc_matrix]:
+    """One aligned block in the layout the Gram products want (A^T rows, B columns)."""
+    return A.T.tocsr(), B.tocsc()
+
+
 def match_features(
     codes_a: Any,
     codes_b: Any,
@@ -129,12 +146,9 @@ def match_features(
 ) -> MatchResult:
     """Top-k Pearson matches A -> B and B -> A of two code matrices over the same N tokens.
 
-    `codes_a` [N, F_a] and `codes_b` [N, F_b] are scipy sparse (or `saeflow.codes.Codes`). On
-    CUDA the Gram blocks are sparse x sparse products on the GPU; on CPU scipy's sparse product is
-    used (faster there than torch's), and the correlation and top-k run in torch on the device.
+    `codes_a` [N, F_a] and `codes_b` [N, F_b] are scipy sparse (or `saeflow.codes.Codes`); the
+    in-memory form of `match_features_stream` (one block, one batch of B's columns per pass).
     """
-    import torch
-
     if top_k < 1:
         raise ConfigError(f"top_k: must be >= 1, got {top_k}")
     if batch_size < 1:
@@ -143,84 +157,163 @@ def match_features(
     B = _csr(codes_b)
     if A.shape[0] != B.shape[0]:
         raise DataError(f"codes cover {A.shape[0]} and {B.shape[0]} tokens; align them first")
-    n = A.shape[0]
-    if n < 2:
-        raise DataError(f"need at least 2 shared tokens to correlate, got {n}")
-    device = torch.device(device)
-    fa, fb = A.shape[1], B.shape[1]
-    k_ab, k_ba = min(top_k, fb), min(top_k, fa)
-    mean_a, std_a = column_moments(A)
-    mean_b, std_b = column_moments(B)
-    dead_a, dead_b = zero_variance(mean_a, std_a), zero_variance(mean_b, std_b)
+    pair = prepare_pair(A, B)
+    return match_features_stream(
+        lambda: [pair],
+        A.shape[1],
+        B.shape[1],
+        top_k=top_k,
+        batch_size=batch_size,
+        device=device,
+    )
 
+
+def match_features_stream(
+    blocks: PairBlocks,
+    fa: int,
+    fb: int,
+    *,
+    top_k: int = 5,
+    batch_size: int = 1024,
+    device: Any = "cpu",
+    pass_columns: int | None = None,
+    n_blocks: int | None = None,
+) -> MatchResult:
+    """Top-k Pearson matches from aligned token blocks read as a stream.
+
+    Sufficient statistics are accumulated block by block: column sums and sums of squares of A
+    and B (O(F), first pass) and the cross-products A^T B for `pass_columns` columns of B at a time
+    (a dense F_a x pass_columns block; each block adds its sparse product into it). Every pass
+    reads the blocks once, so time is linear in tokens and memory flat: one block of codes plus
+    the Gram block. Correlations and top-k then run in `batch_size`-column batches on the device.
+    On CUDA the block products are sparse x sparse on the GPU.
+    """
+    import torch
+
+    if top_k < 1:
+        raise ConfigError(f"top_k: must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    width = max(batch_size, int(pass_columns or batch_size))
+    width = -(-width // batch_size) * batch_size
+    device = torch.device(device)
+    k_ab, k_ba = min(top_k, fb), min(top_k, fa)
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    B_csc = B.tocsc()
-    A_T = A.T.tocsr()  # [F_a, N]
-    A_T_dev = _torch_csr(A_T, device) if on_cuda else None
     gpu_spgemm = on_cuda
-
     f32 = {"dtype": torch.float32, "device": device}
-    mu_a = torch.as_tensor(mean_a, **f32)
-    inv_sd_a = torch.as_tensor(np.where(dead_a, 0.0, 1.0 / np.where(dead_a, 1.0, std_a)), **f32)
-    dead_a_t = torch.as_tensor(dead_a, device=device)
     neg_inf = float("-inf")
-
+    sums = {"a": np.zeros(fa), "a2": np.zeros(fa), "b": np.zeros(fb), "b2": np.zeros(fb)}
+    n = 0
     run_vals = torch.full((fa, k_ab), neg_inf, **f32)
     run_ids = torch.full((fa, k_ab), -1, dtype=torch.int64, device=device)
     b_ids = np.full((fb, k_ba), -1, dtype=np.int32)
     b_corr = np.zeros((fb, k_ba), dtype=np.float32)
     peak = 0
-    batches = range(0, fb, batch_size)
-    for lo in tqdm(batches, desc="match batches", file=sys.stderr, mininterval=5):
-        hi = min(lo + batch_size, fb)
-        block = B_csc[:, lo:hi].tocsr()  # [N, bs]
-        alive = _sparse_nbytes(block)
-        G = None
-        if gpu_spgemm:
-            try:
-                gram = torch.sparse.mm(A_T_dev, _torch_csr(block, device))
-                alive += _tensor_nbytes(gram)
-                G = gram.to_dense()
-                del gram
-            except (RuntimeError, NotImplementedError) as err:
-                # a torch build without CUDA SpGEMM: product on CPU, the rest stays on the GPU
-                log.warning("sparse x sparse on %s failed (%s); Gram blocks on CPU", device, err)
-                gpu_spgemm = False
-        if G is None:
-            gram_sp = A_T @ block  # [F_a, bs] sparse
-            alive += _sparse_nbytes(gram_sp)
-            G = torch.from_numpy(gram_sp.toarray()).to(device)
+    passes = range(0, fb, width)
+    moments: tuple[np.ndarray, ...] | None = None
+    for p_lo in tqdm(passes, desc="match passes", file=sys.stderr, mininterval=5):
+        p_hi = min(p_lo + width, fb)
+        G = torch.zeros((fa, p_hi - p_lo), **f32)
+        alive = _tensor_nbytes(G)
+        block_peak = 0
+        for A_T, B_csc in tqdm(
+            blocks(), desc="blocks", total=n_blocks, file=sys.stderr, mininterval=5, leave=False
+        ):
+            if A_T.shape[1] != B_csc.shape[0]:
+                raise DataError(f"code blocks cover {A_T.shape[1]} and {B_csc.shape[0]} tokens")
+            if moments is None:
+                n += A_T.shape[1]
+                a64, b64 = A_T.data.astype(np.float64), B_csc.data.astype(np.float64)
+                rows_a = np.repeat(np.arange(fa), np.diff(A_T.indptr))
+                cols_b = np.repeat(np.arange(fb), np.diff(B_csc.indptr))
+                sums["a"] += np.bincount(rows_a, weights=a64, minlength=fa)
+                sums["a2"] += np.bincount(rows_a, weights=a64 * a64, minlength=fa)
+                sums["b"] += np.bincount(cols_b, weights=b64, minlength=fb)
+                sums["b2"] += np.bincount(cols_b, weights=b64 * b64, minlength=fb)
+            block = B_csc[:, p_lo:p_hi].tocsr()
+            here = _sparse_nbytes(block) + _sparse_nbytes(A_T)
+            if gpu_spgemm:
+                try:
+                    gram = torch.sparse.mm(_torch_csr(A_T, device), _torch_csr(block, device))
+                    here += _tensor_nbytes(gram)
+                    G += gram.to_dense()
+                    del gram
+                    block_peak = max(block_peak, here + _tensor_nbytes(G))
+                    continue
+                except (RuntimeError, NotImplementedError) as err:
+                    # a torch build without CUDA SpGEMM: products on CPU, the rest on the GPU
+                    log.warning(
+                        "sparse x sparse on %s failed (%s); Gram blocks on CPU", device, err
+                    )
+                    gpu_spgemm = False
+            gram_sp = (A_T @ block).tocoo()  # [F_a, width] sparse, canonical: no duplicates
+            here += int(gram_sp.data.nbytes + gram_sp.row.nbytes + gram_sp.col.nbytes)
+            if device.type == "cpu":
+                # canonical product: each (row, col) once, so a fancy-index add is exact
+                flat = gram_sp.row.astype(np.int64) * G.shape[1] + gram_sp.col
+                G.numpy().reshape(-1)[flat] += gram_sp.data
+                block_peak = max(block_peak, here + flat.nbytes)
+            else:
+                index = (
+                    torch.from_numpy(gram_sp.row.astype(np.int64)).to(device),
+                    torch.from_numpy(gram_sp.col.astype(np.int64)).to(device),
+                )
+                G.index_put_(index, torch.from_numpy(gram_sp.data).to(device), accumulate=True)
+                block_peak = max(block_peak, here + 2 * index[0].numel() * 8)
             del gram_sp
-        alive += _tensor_nbytes(G)
-        mu_b = torch.as_tensor(mean_b[lo:hi], **f32)
-        inv_sd_b = torch.as_tensor(
-            np.where(dead_b[lo:hi], 0.0, 1.0 / np.where(dead_b[lo:hi], 1.0, std_b[lo:hi])), **f32
-        )
-        # corr = (G / N - mu_a mu_b^T) / (sd_a sd_b^T), computed in place on G
-        corr = G.div_(n).sub_(mu_a[:, None] * mu_b[None, :])
-        corr.mul_(inv_sd_a[:, None]).mul_(inv_sd_b[None, :]).clamp_(-1.0, 1.0)
-        mask = dead_a_t[:, None] | torch.as_tensor(dead_b[lo:hi], device=device)[None, :]
-        corr.masked_fill_(mask, neg_inf)
-        alive += _tensor_nbytes(mask) + 2 * _tensor_nbytes(mu_b)
-        # A -> B: merge this batch's best into the running top-k
-        kb = min(k_ab, hi - lo)
-        bv, bi = corr.topk(kb, dim=1)
-        cand_v = torch.cat([run_vals, bv], dim=1)
-        cand_i = torch.cat([run_ids, bi + lo], dim=1)
-        sel_v, sel = cand_v.topk(k_ab, dim=1)
-        run_vals, run_ids = sel_v, cand_i.gather(1, sel)
-        # B -> A: complete within the batch
-        av, ai = corr.topk(k_ba, dim=0)  # [k, bs]
-        alive += 2 * (_tensor_nbytes(bv) + _tensor_nbytes(bi) + _tensor_nbytes(av))
-        alive += 2 * (_tensor_nbytes(cand_v) + _tensor_nbytes(cand_i))
-        av_np, ai_np = av.T.cpu().numpy(), ai.T.cpu().numpy()
-        found = np.isfinite(av_np)
-        b_ids[lo:hi] = np.where(found, ai_np, -1)
-        b_corr[lo:hi] = np.where(found, av_np, 0.0)
-        peak = max(peak, alive)
-        del G, corr, mask, bv, bi, av, ai, cand_v, cand_i
+        if moments is None:
+            if n < 2:
+                raise DataError(f"need at least 2 shared tokens to correlate, got {n}")
+            mean_a, mean_b = sums["a"] / n, sums["b"] / n
+            std_a = np.sqrt(np.maximum(sums["a2"] / n - mean_a**2, 0.0))
+            std_b = np.sqrt(np.maximum(sums["b2"] / n - mean_b**2, 0.0))
+            dead_a, dead_b = zero_variance(mean_a, std_a), zero_variance(mean_b, std_b)
+            moments = (mean_a, std_a, mean_b, std_b, dead_a, dead_b)
+            mu_a = torch.as_tensor(mean_a, **f32)
+            inv_sd_a = torch.as_tensor(
+                np.where(dead_a, 0.0, 1.0 / np.where(dead_a, 1.0, std_a)), **f32
+            )
+            dead_a_t = torch.as_tensor(dead_a, device=device)
+        mean_a, std_a, mean_b, std_b, dead_a, dead_b = moments
+        for lo in range(p_lo, p_hi, batch_size):
+            hi = min(lo + batch_size, p_hi)
+            corr = G[:, lo - p_lo : hi - p_lo]
+            batch_alive = alive + block_peak
+            mu_b = torch.as_tensor(mean_b[lo:hi], **f32)
+            inv_sd_b = torch.as_tensor(
+                np.where(dead_b[lo:hi], 0.0, 1.0 / np.where(dead_b[lo:hi], 1.0, std_b[lo:hi])),
+                **f32,
+            )
+            # corr = (G / N - mu_a mu_b^T) / (sd_a sd_b^T), computed in place on G
+            corr.div_(n).sub_(mu_a[:, None] * mu_b[None, :])
+            corr.mul_(inv_sd_a[:, None]).mul_(inv_sd_b[None, :]).clamp_(-1.0, 1.0)
+            mask = dead_a_t[:, None] | torch.as_tensor(dead_b[lo:hi], device=device)[None, :]
+            corr.masked_fill_(mask, neg_inf)
+            batch_alive += _tensor_nbytes(mask) + 2 * _tensor_nbytes(mu_b)
+            batch_alive += _tensor_nbytes(corr) if width > batch_size else 0
+            # A -> B: merge this batch's best into the running top-k
+            kb = min(k_ab, hi - lo)
+            bv, bi = corr.topk(kb, dim=1)
+            cand_v = torch.cat([run_vals, bv], dim=1)
+            cand_i = torch.cat([run_ids, bi + lo], dim=1)
+            sel_v, sel = cand_v.topk(k_ab, dim=1)
+            run_vals, run_ids = sel_v, cand_i.gather(1, sel)
+            # B -> A: complete within the batch
+            av, ai = corr.topk(k_ba, dim=0)  # [k, bs]
+            batch_alive += 2 * (_tensor_nbytes(bv) + _tensor_nbytes(bi) + _tensor_nbytes(av))
+            batch_alive += 2 * (_tensor_nbytes(cand_v) + _tensor_nbytes(cand_i))
+            av_np, ai_np = av.T.cpu().numpy(), ai.T.cpu().numpy()
+            found = np.isfinite(av_np)
+            b_ids[lo:hi] = np.where(found, ai_np, -1)
+            b_corr[lo:hi] = np.where(found, av_np, 0.0)
+            peak = max(peak, batch_alive)
+            del corr, mask, bv, bi, av, ai, cand_v, cand_i
+        del G
+    if moments is None:
+        raise DataError("need at least 2 shared tokens to correlate, got 0")
+    dead_a, dead_b = moments[4], moments[5]
     vals = run_vals.cpu().numpy()
     found = np.isfinite(vals)
     a_ids = np.where(found, run_ids.cpu().numpy(), -1).astype(np.int32)
@@ -231,7 +324,8 @@ def match_features(
         "d_sae_b": int(fb),
         "top_k": int(top_k),
         "batch_size": int(batch_size),
-        "n_batches": len(batches),
+        "n_batches": len(range(0, fb, batch_size)),
+        "n_passes": len(passes),
         "device": str(device),
         "peak_batch_bytes": int(peak),
         "full_matrix_bytes": int(fa) * int(fb) * 4,
@@ -245,6 +339,66 @@ def _csr(codes: Any) -> sp.csr_matrix:
     if hasattr(codes, "to_scipy"):
         codes = codes.to_scipy()
     return sp.csr_matrix(codes, dtype=np.float32)
+
+
+def aligned_code_blocks(
+    path_a: str | Path, part_a: str | None, path_b: str | Path, part_b: str | None
+) -> tuple[PairBlocks, int, int, int, int]:
+    """(blocks, F_a, F_b, n_blocks, n_dropped): shard-sized blocks of the tokens both hold.
+
+    Only the (seq_id, pos) columns are read up front (8 bytes a token per side); each call of
+    `blocks()` then walks A's shards and fetches the B rows of the same tokens from the B shards
+    that hold them (at most the ones the current A shard needs are kept), so memory is one or two
+    shards per side. Tokens present on one side only are dropped.
+    """
+    from saeflow.codes import shard_keys, shard_readers
+    from saeflow.io import read_manifest
+
+    keys_a = [row_keys(s, p) for s, p in shard_keys(path_a, part_a)]
+    keys_b = [row_keys(s, p) for s, p in shard_keys(path_b, part_b)]
+    read_a, read_b = shard_readers(path_a, part_a), shard_readers(path_b, part_b)
+    widths = [
+        int(read_manifest(Path(p).parent if Path(p).name == "manifest.json" else p)["d_sae"])
+        for p in (path_a, path_b)
+    ]
+    flat_a = np.concatenate(keys_a) if keys_a else np.zeros(0, np.int64)
+    flat_b = np.concatenate(keys_b) if keys_b else np.zeros(0, np.int64)
+    shared = np.intersect1d(flat_a, flat_b, assume_unique=True)
+    if len(shared) == 0:
+        raise DataError("the two code sets share no (seq_id, pos) token; match needs one dataset")
+    dropped = len(flat_a) + len(flat_b) - 2 * len(shared)
+    b_order = np.argsort(flat_b, kind="stable")
+    b_sorted = flat_b[b_order]
+    b_offsets = np.cumsum([0] + [len(k) for k in keys_b])
+
+    def blocks() -> Iterator[tuple[sp.csr_matrix, sp.csc_matrix]]:
+        cache: dict[int, sp.csr_matrix] = {}
+        for i, keys in enumerate(keys_a):
+            in_shared = np.isin(keys, shared, assume_unique=True)
+            if not in_shared.any():
+                continue
+            a_rows = np.flatnonzero(in_shared)
+            b_glob = b_order[np.searchsorted(b_sorted, keys[a_rows])]
+            b_shard = np.searchsorted(b_offsets, b_glob, side="right") - 1
+            need = np.unique(b_shard).tolist()
+            cache = {s: cache[s] if s in cache else read_b[s]().to_scipy() for s in need}
+            pieces, where = [], []
+            for s in need:
+                idx = np.flatnonzero(b_shard == s)
+                pieces.append(cache[s][b_glob[idx] - b_offsets[s]])
+                where.append(idx)
+            B = sp.vstack(pieces, format="csr") if len(pieces) > 1 else pieces[0]
+            B = B[np.argsort(np.concatenate(where), kind="stable")]
+            A = read_a[i]().to_scipy()
+            A = A if len(a_rows) == A.shape[0] else A[a_rows]
+            yield prepare_pair(A, sp.csr_matrix(B, dtype=np.float32))
+
+    return blocks, widths[0], widths[1], len(keys_a), int(dropped)
+
+
+def row_keys(seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One int64 key per (seq_id, pos): seq_id in the high 32 bits."""
+    return (np.asarray(seq_ids, np.int64) << 32) | np.asarray(positions, np.int64)
 
 
 def align_codes(codes_a: Any, codes_b: Any) -> tuple[sp.csr_matrix, sp.csr_matrix, int]:
@@ -404,10 +558,13 @@ def run_match_features(
     tokens_b_path: str | Path | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """The `match_features` rule: align codes, match, add decoder cosines, write outputs."""
+    """The `match_features` rule: stream aligned codes, match, add decoder cosines, write outputs.
+
+    Each pass over the codes covers `GRAM_PASS_BYTES / (4 F_a)` columns of B (at least one batch),
+    so memory is bounded whatever the number of tokens.
+    """
     import torch
 
-    from saeflow.codes import load_codes
     from saeflow.devices import resolve_device
     from saeflow.geometry.weights import load_decoder
     from saeflow.io import write_json
@@ -422,16 +579,27 @@ def run_match_features(
             load_tokens(tokens_a_path), load_tokens(tokens_b_path), f"{analysis.get('name')}: "
         )
     part = params.get("codes")
-    codes_a = load_codes(codes_a_path, part=params["a"].get("codes", part))
-    codes_b = load_codes(codes_b_path, part=params["b"].get("codes", part))
-    A, B, dropped = align_codes(codes_a, codes_b)
+    blocks, fa, fb, n_blocks, dropped = aligned_code_blocks(
+        codes_a_path,
+        params["a"].get("codes", part),
+        codes_b_path,
+        params["b"].get("codes", part),
+    )
     if dropped:
         log.warning(
             "%s: %d tokens present in only one code set were dropped", codes_a_path, dropped
         )
     device = resolve_device(runtime)
-    result = match_features(
-        A, B, top_k=int(params["top_k"]), batch_size=int(params["batch_size"]), device=device
+    batch_size = int(params["batch_size"])
+    result = match_features_stream(
+        blocks,
+        fa,
+        fb,
+        top_k=int(params["top_k"]),
+        batch_size=batch_size,
+        device=device,
+        pass_columns=max(batch_size, GRAM_PASS_BYTES // (4 * max(fa, 1))),
+        n_blocks=n_blocks,
     )
     W_a = load_decoder(sae_a_spec) if sae_a_spec else None
     W_b = load_decoder(sae_b_spec) if sae_b_spec else None

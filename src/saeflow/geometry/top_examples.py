@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,34 +57,140 @@ def as_csr(codes_NF: Any) -> sp.csr_matrix:
     return csr
 
 
+class TopExamplesState:
+    """Per-feature top-n activations and firing statistics, fed one block of tokens at a time.
+
+    The state is O(features x n_examples) whatever the number of tokens: each block's entries
+    that beat a feature's current n-th best are merged into the running top-n with one lexsort,
+    ordered by (feature, -activation, token order), so the result equals one sort over all tokens.
+    The histogram needs each feature's final range, so it is a second pass (`update_hist`).
+    """
+
+    def __init__(self, n_feat: int, n_examples: int, n_bins: int = 30) -> None:
+        if n_examples < 1:
+            raise ConfigError(f"n_examples: must be >= 1, got {n_examples}")
+        self.n_feat, self.n_examples, self.n_bins = int(n_feat), int(n_examples), int(n_bins)
+        self.n_tokens = 0
+        self.feat_M = np.zeros(0, np.int32)
+        self.val_M = np.zeros(0, np.float32)
+        self.row_M = np.zeros(0, np.int64)
+        self.seq_M = np.zeros(0, np.int32)
+        self.pos_M = np.zeros(0, np.int32)
+        # n-th best value of a full feature (-inf until it has n examples): entries <= it lose.
+        self.thr_F = np.full(self.n_feat, -np.inf, np.float32)
+        self.n_active_F = np.zeros(self.n_feat, np.int64)
+        self.total_F = np.zeros(self.n_feat, np.float64)
+        self.hi_F = np.zeros(self.n_feat, np.float64)
+        self.lo_F = np.zeros(self.n_feat, np.float64)
+        self.hist_FB = np.zeros((self.n_feat, self.n_bins), np.int64)
+        self._hist_rows = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the state (bounded by features x (n_examples + n_bins))."""
+        arrays = (self.feat_M, self.val_M, self.row_M, self.seq_M, self.pos_M, self.thr_F)
+        arrays += (self.n_active_F, self.total_F, self.hi_F, self.lo_F, self.hist_FB)
+        return int(sum(a.nbytes for a in arrays))
+
+    def _entries(self, codes_NF: Any) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
+        csr = as_csr(codes_NF)
+        if csr.shape[1] != self.n_feat:
+            raise DataError(f"code block has {csr.shape[1]} features, expected {self.n_feat}")
+        rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+        cols = csr.indices.astype(np.int64)
+        vals = csr.data.astype(np.float32)
+        keep = vals != 0
+        return csr, rows[keep], cols[keep], vals[keep]
+
+    def update(self, codes_NF: Any, seq_ids: np.ndarray, positions: np.ndarray) -> None:
+        """Pass 1: fold one block of tokens (rows in token order) into top-n and statistics."""
+        csr, rows, cols, vals = self._entries(codes_NF)
+        if len(seq_ids) != csr.shape[0] or len(positions) != csr.shape[0]:
+            raise DataError(
+                f"codes have {csr.shape[0]} rows but {len(seq_ids)} seq_ids / {len(positions)} pos"
+            )
+        v64 = vals.astype(np.float64)
+        self.n_active_F += np.bincount(cols, minlength=self.n_feat)
+        self.total_F += np.bincount(cols, weights=v64, minlength=self.n_feat)
+        if len(vals):
+            np.maximum.at(self.hi_F, cols, v64)
+            np.minimum.at(self.lo_F, cols, v64)
+        cand = vals > self.thr_F[cols]
+        seq_ids = np.asarray(seq_ids)
+        positions = np.asarray(positions)
+        feat = np.concatenate([self.feat_M, cols[cand].astype(np.int32)])
+        val = np.concatenate([self.val_M, vals[cand]])
+        row = np.concatenate([self.row_M, rows[cand] + self.n_tokens])
+        seq = np.concatenate([self.seq_M, seq_ids[rows[cand]].astype(np.int32)])
+        pos = np.concatenate([self.pos_M, positions[rows[cand]].astype(np.int32)])
+        self.n_tokens += csr.shape[0]
+        if len(feat) == len(self.feat_M):
+            return
+        order = np.lexsort((row, -val, feat))
+        feat_sorted = feat[order]
+        rank = np.arange(len(order)) - np.searchsorted(feat_sorted, feat_sorted, side="left")
+        take = order[rank < self.n_examples]
+        self.feat_M, self.val_M, self.row_M = feat[take], val[take], row[take]
+        self.seq_M, self.pos_M = seq[take], pos[take]
+        last = rank[rank < self.n_examples] == self.n_examples - 1
+        self.thr_F[self.feat_M[last]] = self.val_M[last]
+
+    def update_hist(self, codes_NF: Any) -> None:
+        """Pass 2: the activation histogram over each feature's [min(0, lowest), highest]."""
+        _, _, cols, vals = self._entries(codes_NF)
+        lo, hi = self.lo_F, self.hi_F
+        width = np.where(hi > lo, hi - lo, 1.0)
+        v64 = vals.astype(np.float64)
+        bins = np.clip(((v64 - lo[cols]) / width[cols] * self.n_bins).astype(np.int64), 0, None)
+        bins = np.minimum(bins, self.n_bins - 1)
+        flat = np.bincount(cols * self.n_bins + bins, minlength=self.n_feat * self.n_bins)
+        self.hist_FB += flat.reshape(self.n_feat, self.n_bins)
+
+    def ranks(self) -> np.ndarray:
+        """Rank of each kept example within its feature (the state is sorted by feature, rank)."""
+        return np.arange(len(self.feat_M)) - np.searchsorted(self.feat_M, self.feat_M)
+
+    def top_frame(self) -> pd.DataFrame:
+        """(feature_id, rank, row, activation, seq_id, pos), sorted by feature then rank."""
+        return pd.DataFrame(
+            {
+                "feature_id": self.feat_M.astype(np.int32),
+                "rank": self.ranks().astype(np.int16),
+                "row": self.row_M,
+                "activation": self.val_M,
+                "seq_id": self.seq_M,
+                "pos": self.pos_M,
+            }
+        )
+
+    def stats_frame(self) -> pd.DataFrame:
+        """Per-feature firing counts, density, max/mean activation and the histogram."""
+        n_active = self.n_active_F
+        mean = np.divide(self.total_F, n_active, out=np.zeros(self.n_feat), where=n_active > 0)
+        return pd.DataFrame(
+            {
+                "feature_id": np.arange(self.n_feat, dtype=np.int32),
+                "n_active": n_active.astype(np.int64),
+                "density": n_active / max(self.n_tokens, 1),
+                "max_act": self.hi_F.astype(np.float32),
+                "mean_act": mean.astype(np.float32),
+                "hist_lo": self.lo_F.astype(np.float32),
+                "hist_hi": self.hi_F.astype(np.float32),
+                "hist_counts": list(self.hist_FB.astype(np.int32)),
+            }
+        )
+
+
 def top_activations(codes_NF: sp.csr_matrix, n_examples: int) -> pd.DataFrame:
-    """The `n_examples` largest non-zero activations of every feature.
+    """The `n_examples` largest non-zero activations of every feature of an in-memory matrix.
 
     Returns rows (feature_id, rank, row, activation) sorted by feature then rank; ties are broken
     by token order, so the result is deterministic.
     """
-    if n_examples < 1:
-        raise ConfigError(f"n_examples: must be >= 1, got {n_examples}")
     csr = as_csr(codes_NF)
-    coo = csr.tocoo()
-    rows = coo.row.astype(np.int64)
-    cols = coo.col.astype(np.int64)
-    vals = coo.data.astype(np.float32)
-    keep = vals != 0
-    rows, cols, vals = rows[keep], cols[keep], vals[keep]
-    order = np.lexsort((rows, -vals, cols))
-    cols_sorted = cols[order]
-    starts = np.searchsorted(cols_sorted, cols_sorted, side="left")
-    rank = np.arange(len(order)) - starts
-    take = order[rank < n_examples]
-    return pd.DataFrame(
-        {
-            "feature_id": cols[take].astype(np.int32),
-            "rank": rank[rank < n_examples].astype(np.int16),
-            "row": rows[take],
-            "activation": vals[take],
-        }
-    )
+    state = TopExamplesState(csr.shape[1], n_examples)
+    n = csr.shape[0]
+    state.update(csr, np.zeros(n, np.int32), np.zeros(n, np.int32))
+    return state.top_frame()[["feature_id", "rank", "row", "activation"]]
 
 
 def feature_stats(codes_NF: sp.csr_matrix, n_bins: int = 30) -> pd.DataFrame:
@@ -95,34 +201,51 @@ def feature_stats(codes_NF: sp.csr_matrix, n_bins: int = 30) -> pd.DataFrame:
     get zeros, not NaN.
     """
     csr = as_csr(codes_NF)
-    n_tokens, n_feat = csr.shape
-    coo = csr.tocoo()
-    keep = coo.data != 0
-    cols = coo.col[keep].astype(np.int64)
-    vals = coo.data[keep].astype(np.float64)
-    n_active = np.bincount(cols, minlength=n_feat)
-    total = np.bincount(cols, weights=vals, minlength=n_feat)
-    hi = np.zeros(n_feat)
-    lo = np.zeros(n_feat)
-    if len(vals):
-        np.maximum.at(hi, cols, vals)
-        np.minimum.at(lo, cols, vals)
-    width = np.where(hi > lo, hi - lo, 1.0)
-    bins = np.clip(((vals - lo[cols]) / width[cols] * n_bins).astype(np.int64), 0, n_bins - 1)
-    hist = np.bincount(cols * n_bins + bins, minlength=n_feat * n_bins).reshape(n_feat, n_bins)
-    mean = np.divide(total, n_active, out=np.zeros(n_feat), where=n_active > 0)
-    return pd.DataFrame(
-        {
-            "feature_id": np.arange(n_feat, dtype=np.int32),
-            "n_active": n_active.astype(np.int64),
-            "density": n_active / max(n_tokens, 1),
-            "max_act": hi.astype(np.float32),
-            "mean_act": mean.astype(np.float32),
-            "hist_lo": lo.astype(np.float32),
-            "hist_hi": hi.astype(np.float32),
-            "hist_counts": list(hist.astype(np.int32)),
-        }
-    )
+    state = TopExamplesState(csr.shape[1], 1, n_bins)
+    n = csr.shape[0]
+    state.update(csr, np.zeros(n, np.int32), np.zeros(n, np.int32))
+    state.update_hist(csr)
+    return state.stats_frame()
+
+
+class ContextLookup:
+    """Values codes[(seq_id, pos), feature] for many queries, answered block by block.
+
+    Queries are deduplicated into sorted keys `token_slot * F + feature`; each block's stored
+    entries of queried tokens are found with one `searchsorted`. Memory is O(queries), never
+    O(tokens); tokens no block holds give 0.
+    """
+
+    def __init__(self, seq: np.ndarray, pos: np.ndarray, feat: np.ndarray, n_feat: int) -> None:
+        self.n_feat = int(n_feat)
+        tok_keys = _token_keys(seq, pos)
+        self.tokens, tok_slot = np.unique(tok_keys, return_inverse=True)
+        keys = tok_slot.astype(np.int64) * self.n_feat + np.asarray(feat, np.int64)
+        self.keys, self.inverse = np.unique(keys, return_inverse=True)
+        self.values = np.zeros(len(self.keys), np.float32)
+
+    def update(self, codes_NF: Any, seq_ids: np.ndarray, positions: np.ndarray) -> None:
+        if len(self.tokens) == 0 or len(seq_ids) == 0:
+            return
+        keys = _token_keys(seq_ids, positions)
+        slot = np.clip(np.searchsorted(self.tokens, keys), 0, len(self.tokens) - 1)
+        hit = self.tokens[slot] == keys
+        if not hit.any():
+            return
+        rows = np.flatnonzero(hit)
+        sub = as_csr(codes_NF)[rows]
+        entry = np.repeat(slot[rows], np.diff(sub.indptr)) * self.n_feat + sub.indices
+        at = np.clip(np.searchsorted(self.keys, entry), 0, len(self.keys) - 1)
+        found = self.keys[at] == entry
+        self.values[at[found]] = sub.data[found]
+
+    def result(self) -> np.ndarray:
+        """One value per query, in query order."""
+        return self.values[self.inverse]
+
+
+def _token_keys(seq_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    return (np.asarray(seq_ids, np.int64) << 32) | np.asarray(positions, np.int64)
 
 
 def csr_lookup(codes_NF: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -144,31 +267,6 @@ def csr_lookup(codes_NF: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> n
     hit = (keys[at] == query) & (rows >= 0)
     out[hit] = csr.data[at[hit]]
     return out
-
-
-def _row_index(seq_ids: np.ndarray, positions: np.ndarray):
-    """A vectorised (seq_id, pos) -> code row lookup; -1 where the token has no code row."""
-    seq = np.asarray(seq_ids, dtype=np.int64)
-    pos = np.asarray(positions, dtype=np.int64)
-    width = int(pos.max()) + 2 if len(pos) else 1
-    keys = seq * width + pos
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-
-    def lookup(qseq: np.ndarray, qpos: np.ndarray) -> np.ndarray:
-        qseq = np.asarray(qseq, dtype=np.int64)
-        qpos = np.asarray(qpos, dtype=np.int64)
-        valid = (qpos >= 0) & (qpos < width)
-        q = qseq * width + np.clip(qpos, 0, width - 1)
-        out = np.full(len(q), -1, dtype=np.int64)
-        if len(sorted_keys) == 0:
-            return out
-        at = np.clip(np.searchsorted(sorted_keys, q), 0, len(sorted_keys) - 1)
-        hit = valid & (sorted_keys[at] == q)
-        out[hit] = order[at[hit]]
-        return out
-
-    return lookup
 
 
 def visible_token(token: str) -> str:
@@ -214,26 +312,23 @@ def parse_window(window: Any) -> tuple[int, int]:
     return before, after
 
 
-def build_examples(
-    top_df: pd.DataFrame,
-    codes_NF: sp.csr_matrix,
-    seq_ids: np.ndarray,
-    positions: np.ndarray,
-    tokens_df: pd.DataFrame,
-    *,
-    window: Any = (8, 4),
-    max_act_F: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """Attach each top activation's context window, per-token activations and safe HTML."""
-    before, after = parse_window(window)
+def _tokens_by_seq(tokens_df: pd.DataFrame) -> dict[int, Any]:
     if "tokens" not in tokens_df.columns or "seq_id" not in tokens_df.columns:
         raise DataError("tokens table: needs columns seq_id and tokens")
-    seq_ids = np.asarray(seq_ids)
-    positions = np.asarray(positions)
-    by_seq = dict(zip(tokens_df["seq_id"].astype(np.int64), tokens_df["tokens"], strict=True))
-    rows = top_df["row"].to_numpy()
-    ex_seq = seq_ids[rows].astype(np.int64)
-    ex_pos = positions[rows].astype(np.int64)
+    return dict(zip(tokens_df["seq_id"].astype(np.int64), tokens_df["tokens"], strict=True))
+
+
+def plan_contexts(
+    feature_ids: np.ndarray,
+    ex_seq: np.ndarray,
+    ex_pos: np.ndarray,
+    by_seq: dict[int, Any],
+    window: Any,
+) -> dict[str, np.ndarray]:
+    """Context window [start, stop) of every example and the flat (seq, pos, feature) queries."""
+    before, after = parse_window(window)
+    ex_seq = np.asarray(ex_seq, np.int64)
+    ex_pos = np.asarray(ex_pos, np.int64)
     missing = sorted(set(np.unique(ex_seq).tolist()) - set(by_seq))
     if missing:
         raise DataError(f"tokens table: no row for seq_id {missing[0]} that the codes cover")
@@ -247,19 +342,33 @@ def build_examples(
     start = np.maximum(ex_pos - before, 0)
     stop = np.minimum(ex_pos + after + 1, n_tok)
     lengths = stop - start
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat_pos = np.repeat(start, lengths) + (
         np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths)
     )
-    flat_seq = np.repeat(ex_seq, lengths)
-    flat_feat = np.repeat(top_df["feature_id"].to_numpy(), lengths)
-    flat_rows = _row_index(seq_ids, positions)(flat_seq, flat_pos)
-    flat_acts = csr_lookup(codes_NF, flat_rows, flat_feat)
-    feats = top_df["feature_id"].to_numpy()
-    scales = (
-        max_act_F[feats] if max_act_F is not None else top_df["activation"].to_numpy()
-    ).astype(np.float64)
+    return {
+        "ex_seq": ex_seq,
+        "ex_pos": ex_pos,
+        "start": start,
+        "stop": stop,
+        "offsets": offsets,
+        "flat_seq": np.repeat(ex_seq, lengths),
+        "flat_pos": flat_pos,
+        "flat_feat": np.repeat(np.asarray(feature_ids, np.int64), lengths),
+    }
 
+
+def assemble_examples(
+    top_df: pd.DataFrame,
+    plan: dict[str, np.ndarray],
+    flat_acts: np.ndarray,
+    by_seq: dict[int, Any],
+    scales: np.ndarray,
+) -> pd.DataFrame:
+    """The examples table: context tokens, per-token activations and safe HTML per example."""
+    ex_seq, ex_pos, start, stop, offsets = (
+        plan[k] for k in ("ex_seq", "ex_pos", "start", "stop", "offsets")
+    )
     ctx_tokens, ctx_acts, centers, html_rows, center_tokens = [], [], [], [], []
     it = tqdm(range(len(top_df)), desc="contexts", file=sys.stderr, mininterval=5)
     for i in it:
@@ -272,7 +381,7 @@ def build_examples(
         centers.append(center)
         center_tokens.append(window_tokens[center])
         html_rows.append(context_html(window_tokens, center, acts, float(scales[i])))
-    out = top_df.drop(columns=["row"]).copy()
+    out = top_df[["feature_id", "rank", "activation"]].copy()
     out["seq_id"] = ex_seq.astype(np.int32)
     out["pos"] = ex_pos.astype(np.int32)
     out["token"] = center_tokens
@@ -280,7 +389,32 @@ def build_examples(
     out["context_tokens"] = ctx_tokens
     out["context_acts"] = ctx_acts
     out["context_html"] = html_rows
-    return out
+    return out.reset_index(drop=True)
+
+
+def build_examples(
+    top_df: pd.DataFrame,
+    codes_NF: sp.csr_matrix,
+    seq_ids: np.ndarray,
+    positions: np.ndarray,
+    tokens_df: pd.DataFrame,
+    *,
+    window: Any = (8, 4),
+    max_act_F: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Attach each top activation's context window, per-token activations and safe HTML.
+
+    In-memory form (`top_df` has a `row` column into `codes_NF`); the stage streams instead.
+    """
+    by_seq = _tokens_by_seq(tokens_df)
+    rows = top_df["row"].to_numpy()
+    feats = top_df["feature_id"].to_numpy()
+    seq_ids, positions = np.asarray(seq_ids), np.asarray(positions)
+    plan = plan_contexts(feats, seq_ids[rows], positions[rows], by_seq, window)
+    lookup = ContextLookup(plan["flat_seq"], plan["flat_pos"], plan["flat_feat"], codes_NF.shape[1])
+    lookup.update(codes_NF, seq_ids, positions)
+    scales = max_act_F[feats] if max_act_F is not None else top_df["activation"].to_numpy()
+    return assemble_examples(top_df, plan, lookup.result(), by_seq, scales.astype(np.float64))
 
 
 def norm_token(token: Any) -> str:
@@ -458,8 +592,8 @@ def _to_table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
     for field in schema:
         col = df[field.name]
         if pa.types.is_list(field.type):
-            values = [np.asarray(v).tolist() for v in col]
-            arrays.append(pa.array(values, type=field.type))
+            # lists and numpy arrays convert as they are (no per-element Python copies)
+            arrays.append(pa.array(list(col), type=field.type))
         else:
             arrays.append(pa.array(col.to_numpy(), type=field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -493,6 +627,45 @@ def analysis_params(analysis: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **{k: v for k, v in analysis.items() if v is not None}}
 
 
+CodeBlocks = Callable[[], Iterable[tuple[Any, np.ndarray, np.ndarray]]]
+
+
+def stream_top_examples(
+    blocks: CodeBlocks,
+    n_feat: int,
+    tokens: pd.DataFrame | Callable[[np.ndarray], pd.DataFrame],
+    *,
+    n_examples: int = 20,
+    window: Any = (8, 4),
+    n_bins: int = 30,
+    n_blocks: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, TopExamplesState]:
+    """(examples, stats, state) from codes read as a stream of (codes, seq_ids, positions) blocks.
+
+    `blocks()` is called twice (two passes: top-n and ranges, then histograms and context
+    values), so memory is one block plus O(features x n_examples), never O(tokens x features).
+    `tokens` is the tokens table, or a function returning the rows of the given seq_ids (so only
+    sequences that hold a top example are ever decoded).
+    """
+    state = TopExamplesState(n_feat, n_examples, n_bins)
+    for csr, seq, pos in tqdm(blocks(), desc="top-n pass", total=n_blocks, file=sys.stderr):
+        state.update(csr, seq, pos)
+    top = state.top_frame()
+    wanted = np.unique(top["seq_id"].to_numpy())
+    tokens_df = tokens(wanted) if callable(tokens) else tokens
+    by_seq = _tokens_by_seq(tokens_df)
+    feats = top["feature_id"].to_numpy()
+    plan = plan_contexts(feats, top["seq_id"].to_numpy(), top["pos"].to_numpy(), by_seq, window)
+    lookup = ContextLookup(plan["flat_seq"], plan["flat_pos"], plan["flat_feat"], n_feat)
+    for csr, seq, pos in tqdm(blocks(), desc="context pass", total=n_blocks, file=sys.stderr):
+        state.update_hist(csr)
+        lookup.update(csr, seq, pos)
+    stats = state.stats_frame()
+    scales = stats["max_act"].to_numpy()[feats].astype(np.float64)
+    examples = assemble_examples(top, plan, lookup.result(), by_seq, scales)
+    return examples, stats, state
+
+
 def compute_top_examples(
     codes_NF: Any,
     seq_ids: np.ndarray,
@@ -509,39 +682,91 @@ def compute_top_examples(
     n_logits: int = 10,
     logit_batch_size: int = 512,
     device: Any = "cpu",
+    blocks: CodeBlocks | None = None,
+    n_feat: int | None = None,
+    n_blocks: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(examples, feature index) of one SAE's codes; logits when W_dec and W_U are given.
 
-    `vocab_fn(ids) -> {id: string}` labels the logit tokens.
+    Codes are either one in-memory matrix (`codes_NF`, `seq_ids`, `positions`) or, with
+    `codes_NF=None`, a stream `blocks` of `n_feat`-wide blocks (see `stream_top_examples`).
+    `tokens_df` may be a function of the wanted seq_ids. `vocab_fn(ids) -> {id: string}` labels
+    the logit tokens.
     """
-    csr = as_csr(codes_NF)
-    if len(seq_ids) != csr.shape[0] or len(positions) != csr.shape[0]:
-        raise DataError(
-            f"codes have {csr.shape[0]} rows but {len(seq_ids)} seq_ids / {len(positions)} pos"
-        )
-    stats = feature_stats(csr, n_bins)
-    top = top_activations(csr, n_examples)
-    examples = build_examples(
-        top,
-        csr,
-        seq_ids,
-        positions,
+    if codes_NF is not None:
+        csr = as_csr(codes_NF)
+        if len(seq_ids) != csr.shape[0] or len(positions) != csr.shape[0]:
+            raise DataError(
+                f"codes have {csr.shape[0]} rows but {len(seq_ids)} seq_ids / {len(positions)} pos"
+            )
+        n_feat = csr.shape[1]
+
+        def blocks() -> list[tuple[Any, np.ndarray, np.ndarray]]:
+            return [(csr, np.asarray(seq_ids), np.asarray(positions))]
+
+    if blocks is None or n_feat is None:
+        raise DataError("compute_top_examples: give codes_NF, or blocks and n_feat")
+    examples, stats, state = stream_top_examples(
+        blocks,
+        int(n_feat),
         tokens_df,
+        n_examples=n_examples,
         window=window,
-        max_act_F=stats["max_act"].to_numpy(),
+        n_bins=n_bins,
+        n_blocks=n_blocks,
     )
     logits = None
     vocab = None
     if W_dec_FD is not None and W_U_VD is not None:
-        if W_dec_FD.shape[0] != csr.shape[1]:
+        if W_dec_FD.shape[0] != n_feat:
             raise DataError(
-                f"SAE {sae}: decoder has {W_dec_FD.shape[0]} features but codes have {csr.shape[1]}"
+                f"SAE {sae}: decoder has {W_dec_FD.shape[0]} features but codes have {n_feat}"
             )
         logits = logit_lens(W_dec_FD, W_U_VD, n_logits, batch_size=logit_batch_size, device=device)
         if vocab_fn is not None:
             vocab = vocab_fn(np.concatenate([logits[0].ravel(), logits[2].ravel()]))
     index = build_index(stats, examples, sae=sae, logits=logits, vocab=vocab)
+    index.attrs["n_tokens"] = state.n_tokens
     return examples, index
+
+
+def code_blocks(codes_path: str | Path, part: str | None) -> tuple[CodeBlocks, int, int]:
+    """(blocks, d_sae, n_shards) of a code directory, read shard by shard on every call."""
+    from saeflow.codes import iter_codes
+    from saeflow.io import read_manifest
+
+    directory = Path(codes_path)
+    if directory.name == "manifest.json":
+        directory = directory.parent
+    manifest = read_manifest(directory)
+
+    def blocks() -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        for codes in iter_codes(directory, part):
+            yield codes.to_scipy(), codes.seq_ids, codes.positions
+
+    return blocks, int(manifest["d_sae"]), len(manifest.get("shards", []))
+
+
+def tokens_reader(tokens_path: str | Path) -> Callable[[np.ndarray], pd.DataFrame]:
+    """A function giving (seq_id, tokens) rows of the wanted seq_ids only.
+
+    Only the two columns are read, as Arrow, and only the wanted rows become Python strings.
+    """
+    import pyarrow.compute as pc
+
+    def read(seq_ids: np.ndarray) -> pd.DataFrame:
+        try:
+            table = pq.read_table(tokens_path, columns=["seq_id", "tokens"])
+        except (OSError, pa.ArrowInvalid, KeyError) as err:
+            raise DataError(f"{tokens_path}: cannot read seq_id, tokens ({err})") from None
+        wanted = pa.array(np.asarray(seq_ids).astype(np.int64))
+        mask = pc.is_in(table.column("seq_id").cast(pa.int64()), value_set=wanted)
+        sub = table.filter(mask)
+        return pd.DataFrame(
+            {"seq_id": sub.column("seq_id").to_numpy(), "tokens": sub.column("tokens").to_pylist()}
+        )
+
+    return read
 
 
 def run_top_examples(
@@ -557,20 +782,21 @@ def run_top_examples(
     out_page: str | Path | None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """The `top_examples` rule: load codes, tokens, SAE decoder and W_U; write outputs + page."""
+    """The `top_examples` rule: stream codes, read tokens, SAE decoder and W_U; write outputs.
+
+    Codes are read shard by shard, twice; only the sequences that hold a top example are decoded
+    from the tokens table.
+    """
     import torch
 
-    from saeflow.codes import load_codes
     from saeflow.devices import resolve_device
     from saeflow.geometry.weights import load_decoder, read_unembedding, token_strings_for
-    from saeflow.tokenize import load_tokens
     from saeflow.utils import seed_everything
 
     params = analysis_params(analysis)
     seed_everything(int((runtime or {}).get("seed", 0)))
     torch.set_num_threads(max(1, int(threads)))
-    codes = load_codes(codes_path, part=params.get("codes"))
-    tokens_df = load_tokens(tokens_path)
+    blocks, d_sae, n_shards = code_blocks(codes_path, params.get("codes"))
     W_dec = W_U = None
     vocab_fn = None
     if model is not None and sae_spec is not None and params.get("n_logits", 0):
@@ -591,10 +817,10 @@ def run_top_examples(
 
     device = resolve_device(runtime)
     examples, index = compute_top_examples(
-        codes.to_scipy(),
-        codes.seq_ids,
-        codes.positions,
-        tokens_df,
+        None,
+        np.zeros(0),
+        np.zeros(0),
+        tokens_reader(tokens_path),
         n_examples=int(params["n_examples"]),
         window=params["window"],
         n_bins=int(params["n_bins"]),
@@ -605,6 +831,9 @@ def run_top_examples(
         n_logits=int(params["n_logits"]),
         logit_batch_size=int(params["logit_batch_size"]),
         device=device,
+        blocks=blocks,
+        n_feat=d_sae,
+        n_blocks=n_shards,
     )
     write_examples(examples, out_examples)
     write_index(index, out_index)
@@ -620,8 +849,8 @@ def run_top_examples(
             page_examples=int(params["page_examples"]),
         )
     summary = {
-        "n_tokens": int(len(codes)),
-        "d_sae": int(codes.d_sae),
+        "n_tokens": int(index.attrs["n_tokens"]),
+        "d_sae": int(d_sae),
         "dead": int((index["n_active"] == 0).sum()),
         "n_examples": int(len(examples)),
     }

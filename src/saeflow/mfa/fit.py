@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -303,7 +304,99 @@ def posterior_schema(top: int, R: int) -> pa.Schema:
     )
 
 
+# Posterior rows are buffered into row groups of this many tokens (one per batch would make
+# thousands of tiny row groups); memory stays bounded by one row group.
+POSTERIOR_ROW_GROUP = 65_536
+# Tokens per posterior step at least (per-call overheads dominate below; results are per row).
+POSTERIOR_BATCH = 1024
+
+
+def _argmax_posterior(model: MFA, x_BD: torch.Tensor, top: int) -> dict[str, torch.Tensor]:
+    """Top responsibilities and E[z|x,k] of the argmax component only.
+
+    `MFA.posterior` solves for E[z|x,k] in all K components (a (K, R, B) solve that costs as much
+    as the likelihoods at K=500); only the argmax one is written, so only it is solved for.
+    """
+    ll_BK, v_BKR, L_KRR = model._core(x_BD)
+    joint_BK = ll_BK + model.log_pi_K()
+    log_px_B = torch.logsumexp(joint_BK, dim=1)
+    top_r, top_k = (joint_BK - log_px_B[:, None]).exp().topk(top, dim=1)
+    arg = top_k[:, 0]
+    v_BR = v_BKR[torch.arange(x_BD.shape[0], device=x_BD.device), arg]
+    z_BR = torch.cholesky_solve(v_BR[:, :, None], L_KRR[arg], upper=False)[:, :, 0]
+    return {"top_resp": top_r, "top_k": top_k, "z_BR": z_BR, "log_px_B": log_px_B}
+
+
+def token_batches(
+    x_ND: torch.Tensor, seq_ids_N: np.ndarray, pos_N: np.ndarray, split_N: np.ndarray, size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]]:
+    """(seq_ids, positions, split, x) slices of in-memory tokens."""
+    for s in range(0, x_ND.shape[0], size):
+        yield (
+            seq_ids_N[s : s + size],
+            pos_N[s : s + size],
+            split_N[s : s + size],
+            x_ND[s : s + size],
+        )
+
+
 @torch.no_grad()
+def write_posteriors_stream(
+    model: MFA,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]],
+    path: str | Path,
+    *,
+    top: int,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Stream per-token posteriors to Parquet from (seq_ids, pos, split, x) batches of any size
+    (e.g. activation shards); memory is one batch plus one row group. Returns argmax sizes."""
+    from saeflow.io import atomic_path
+
+    K, R = model.K, model.R
+    top = min(top, K)
+    step = max(int(batch_size), POSTERIOR_BATCH)
+    schema = posterior_schema(top, R)
+    sizes = np.zeros(K, dtype=np.int64)
+    model.eval().to(device)
+    pending: list[pa.Table] = []
+    n_pending = 0
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(str(tmp), schema, compression="zstd")
+        try:
+            for seq_b, pos_b, split_b, x_b in tqdm(
+                batches, desc="posteriors", file=sys.stderr, mininterval=5
+            ):
+                for s in range(0, x_b.shape[0], step):
+                    x = x_b[s : s + step].to(device=device, dtype=torch.float32)
+                    post = _argmax_posterior(model, x, top)
+                    top_r, top_k, z_BR = post["top_resp"], post["top_k"], post["z_BR"]
+                    arg = top_k[:, 0]
+                    arg_np = arg.cpu().numpy().astype(np.int32)
+                    sizes += np.bincount(arg_np, minlength=K)
+                    cols = [
+                        pa.array(np.asarray(seq_b[s : s + step]).astype(np.int32)),
+                        pa.array(np.asarray(pos_b[s : s + step]).astype(np.int32)),
+                        pa.array(np.asarray(split_b[s : s + step]).astype(np.int8)),
+                        pa.array(arg_np),
+                        pa.array(post["log_px_B"].float().cpu().numpy()),
+                        _fixed(top_k.cpu().numpy().astype(np.int32), top),
+                        _fixed(top_r.float().cpu().numpy(), top),
+                        _fixed(z_BR.float().cpu().numpy(), R),
+                    ]
+                    pending.append(pa.Table.from_arrays(cols, schema=schema))
+                    n_pending += x.shape[0]
+                    if n_pending >= POSTERIOR_ROW_GROUP:
+                        writer.write_table(pa.concat_tables(pending), POSTERIOR_ROW_GROUP)
+                        pending, n_pending = [], 0
+            if pending:
+                writer.write_table(pa.concat_tables(pending), POSTERIOR_ROW_GROUP)
+        finally:
+            writer.close()
+    return sizes
+
+
 def write_posteriors(
     model: MFA,
     x_ND: torch.Tensor,
@@ -316,39 +409,15 @@ def write_posteriors(
     batch_size: int,
     device: torch.device,
 ) -> np.ndarray:
-    """Stream per-token posteriors to Parquet in bounded memory; return argmax component sizes."""
-    from saeflow.io import atomic_path
-
-    K, R = model.K, model.R
-    top = min(top, K)
-    schema = posterior_schema(top, R)
-    sizes = np.zeros(K, dtype=np.int64)
-    model.eval().to(device)
-    with atomic_path(path) as tmp:
-        writer = pq.ParquetWriter(str(tmp), schema, compression="zstd")
-        try:
-            for s in range(0, x_ND.shape[0], batch_size):
-                x = x_ND[s : s + batch_size].to(device=device, dtype=torch.float32)
-                post = model.posterior(x)
-                top_r, top_k = post["resp_BK"].topk(top, dim=1)
-                arg = top_k[:, 0]
-                z_BR = post["Ez_BKR"][torch.arange(x.shape[0], device=device), arg]
-                arg_np = arg.cpu().numpy().astype(np.int32)
-                sizes += np.bincount(arg_np, minlength=K)
-                cols = [
-                    pa.array(seq_ids_N[s : s + batch_size].astype(np.int32)),
-                    pa.array(pos_N[s : s + batch_size].astype(np.int32)),
-                    pa.array(split_N[s : s + batch_size].astype(np.int8)),
-                    pa.array(arg_np),
-                    pa.array(post["log_px_B"].float().cpu().numpy()),
-                    _fixed(top_k.cpu().numpy().astype(np.int32), top),
-                    _fixed(top_r.float().cpu().numpy(), top),
-                    _fixed(z_BR.float().cpu().numpy(), R),
-                ]
-                writer.write_table(pa.Table.from_arrays(cols, schema=schema))
-        finally:
-            writer.close()
-    return sizes
+    """Stream per-token posteriors of in-memory tokens to Parquet; return argmax sizes."""
+    return write_posteriors_stream(
+        model,
+        token_batches(x_ND, seq_ids_N, pos_N, split_N, POSTERIOR_ROW_GROUP),
+        path,
+        top=top,
+        batch_size=batch_size,
+        device=device,
+    )
 
 
 def _fixed(values_BX: np.ndarray, width: int) -> pa.FixedSizeListArray:
