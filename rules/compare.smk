@@ -66,6 +66,7 @@ rule feature_families:
         families=f"{CMP}/{{analysis}}/families.parquet",
         summary=f"{CMP}/{{analysis}}/families.json",
         page=f"{REP}/families-{{analysis}}.html",
+        links=f"{REP}/families-{{analysis}}.links.js",
     log:
         "logs/feature_families/{analysis}.log",
     benchmark:

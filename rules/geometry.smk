@@ -30,6 +30,7 @@ rule top_examples:
         model=analysis_model_params,
         sae=geo_sae_params,
         runtime=RUNTIME,
+        families=dashboard_families,
     script:
         "../scripts/top_examples.py"
 

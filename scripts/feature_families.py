@@ -17,4 +17,5 @@ with threadpool_limits(limits=int(snakemake.threads)):
         out_families=snakemake.output.families,
         out_summary=snakemake.output.summary,
         out_page=snakemake.output.page,
+        out_links=snakemake.output.links,
     )

@@ -17,5 +17,6 @@ with gpu_slot(str(runtime.get("device", "auto"))):
         out_examples=snakemake.output.examples,
         out_index=snakemake.output.index,
         out_page=snakemake.output.page,
+        families=list(snakemake.params.families),
         threads=int(getattr(snakemake, "threads", 1) or 1),
     )

@@ -177,3 +177,24 @@ def test_one_sided_and_jaccard():
     assert out["a_only_tokens"] == ["x (2)"]
     assert jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
     assert jaccard(set(), set()) == 0.0
+
+
+def test_family_links_file_lists_shown_parents_and_their_children(tmp_path):
+    from saeflow.compare.pages import shown_parents, write_family_links
+    from saeflow.geometry.matching import match_features, matches_table
+
+    A, B = _codes()
+    table = matches_table(match_features(A, B, top_k=3), sae_a="small", sae_b="big")
+    fam = families_table(table, A, B, parent_sae="small", threshold=0.3, min_children=2)
+    summary = {"name": "fams", "parent_sae": "small", "child_sae": "big"}
+    out = write_family_links(tmp_path / "families-fams.links.js", fam, summary, max_families=5)
+    text = out.read_text()
+    assert text.startswith("saeflowFamilyLinks(") and text.rstrip().endswith(");")
+    payload = __import__("json").loads(text[len("saeflowFamilyLinks(") : text.rindex(")")])
+    assert payload["page"] == "families-fams.html"
+    assert payload["parents"] == shown_parents(fam, 5) and 0 in payload["parents"]
+    want: dict[str, list[int]] = {}
+    for child, parent in sorted(zip(fam["child"], fam["parent"], strict=True)):
+        want.setdefault(str(child), []).append(int(parent))
+    assert payload["children"] == want and want["0"] == [0] and want["1"] == [0]
+    assert shown_parents(fam, 0) == []

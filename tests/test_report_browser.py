@@ -435,6 +435,39 @@ def test_dashboard_at_131k_features_loads_shards_on_demand(driver, tmp_path_fact
     assert severe(driver.get_log("browser")) == []
 
 
+def test_dashboard_links_features_to_their_families(driver, tmp_path_factory):
+    """A dashboard loads the families' links files beside it and links a child feature to its
+    parent's tree (from file://)."""
+    from test_report_scale import big_dashboard_frames
+
+    from saeflow.report import write_dashboard_page
+
+    index, examples = big_dashboard_frames()
+    out = tmp_path_factory.mktemp("fam")
+    (out / "families-fams.links.js").write_text(
+        'saeflowFamilyLinks({"name": "fams", "page": "families-fams.html", "sae": "small", '
+        '"parents": [7], "child_sae": "big", "children": {"3": [7]}});\n'
+    )
+    page = write_dashboard_page(
+        out / "geometry-big.html",
+        index,
+        examples,
+        analysis={"name": "big", "sae": "big"},
+        families=["fams"],
+    )
+    open_page(driver, page)
+    wait_for(driver, "window.SAEFLOW_SHOWN !== undefined")
+    typed = "var e = document.getElementById('geo-id'); e.value = '3';"
+    driver.execute_script(typed + "e.dispatchEvent(new Event('input'));")
+    wait_for(driver, "document.querySelector('#geo-results button') !== null")
+    driver.find_element("css selector", "#geo-results button").click()
+    wait_for(driver, "window.SAEFLOW_SHOWN === 3")
+    wait_for(driver, "document.querySelector('#geo-fam a') !== null")
+    href = driver.execute_script("return document.querySelector('#geo-fam a').getAttribute('href')")
+    assert href == "families-fams.html#p7"
+    assert severe(driver.get_log("browser")) == []
+
+
 def test_similarity_page(driver, pages):
     open_page(driver, pages["similarity"])
     shape = driver.execute_script(

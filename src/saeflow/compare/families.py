@@ -133,8 +133,10 @@ def run_feature_families(
     out_families: str | Path,
     out_summary: str | Path,
     out_page: str | Path | None,
+    out_links: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The rule: parents are the narrower SAE's features; table, summary and the tree page."""
+    """The rule: parents are the narrower SAE's features; table, summary, the tree page and the
+    links file that the parent SAE's feature dashboards load."""
     from saeflow.codes import load_codes
     from saeflow.compare.pairs import top_token_sets
     from saeflow.geometry.matching import DEFAULTS as MATCH_DEFAULTS
@@ -191,5 +193,9 @@ def run_feature_families(
         from saeflow.compare.pages import write_families_page
 
         write_families_page(out_page, table, summary, max_families=int(analysis["page_families"]))
+    if out_links:
+        from saeflow.compare.pages import write_family_links
+
+        write_family_links(out_links, table, summary, max_families=int(analysis["page_families"]))
     log.info("feature_families %s: %s", analysis["name"], summary)
     return summary

@@ -358,11 +358,9 @@ def family_tree_html(table: pd.DataFrame, max_families: int) -> str:
     """
     if table.empty:
         return _NOTE.format("no family passes the threshold")
-    fams = table.drop_duplicates("parent").sort_values(
-        ["split_ratio", "parent"], ascending=[False, True]
-    )
+    fams = table.drop_duplicates("parent").set_index("parent", drop=False)
     parts = ['<ul class="tree">\n']
-    for fam in fams.head(max_families).itertuples():
+    for fam in fams.loc[shown_parents(table, max_families)].itertuples():
         kids = table[table["parent"] == fam.parent].sort_values("rank")
         head = (
             f"parent {fam.parent} → {fam.split_ratio} children"
@@ -411,3 +409,45 @@ def write_families_page(
         body_html=intro + facts + "<h2>Families</h2>\n" + family_tree_html(table, max_families),
     )
     return write_page(out_path, page, ship_plotlyjs=False)
+
+
+def shown_parents(table: pd.DataFrame, max_families: int) -> list[int]:
+    """The parents whose trees the families page shows (and anchors as `#p{id}`), in page order."""
+    if table.empty:
+        return []
+    fams = table.drop_duplicates("parent").sort_values(
+        ["split_ratio", "parent"], ascending=[False, True]
+    )
+    return [int(p) for p in fams.head(max_families)["parent"]]
+
+
+def write_family_links(
+    out_path: str | Path, table: pd.DataFrame, summary: dict[str, Any], *, max_families: int
+) -> Path:
+    """`reports/families-{name}.links.js`: the families a feature dashboard can link to (the
+    parents shown on the families page, and their children in the wider SAE).
+
+    One `saeflowFamilyLinks({...})` call, loaded by a dashboard of the parent SAE with a script
+    tag (works from file://), so the dashboard needs no rerun when the families change.
+    """
+    import json
+
+    from saeflow.io import atomic_path
+
+    parents = shown_parents(table, max_families)
+    children: dict[str, list[int]] = {}
+    if parents:
+        kids = table[table["parent"].isin(parents)].sort_values(["child", "parent"])
+        for child, parent in zip(kids["child"], kids["parent"], strict=True):
+            children.setdefault(str(int(child)), []).append(int(parent))
+    payload = {
+        "name": summary["name"],
+        "page": Path(out_path).name.removesuffix(".links.js") + ".html",
+        "sae": summary["parent_sae"],
+        "parents": parents,
+        "child_sae": summary["child_sae"],
+        "children": children,
+    }
+    with atomic_path(out_path) as tmp:
+        Path(tmp).write_text(f"saeflowFamilyLinks({json.dumps(payload, sort_keys=True)});\n")
+    return Path(out_path)

@@ -781,6 +781,7 @@ def run_top_examples(
     out_index: str | Path,
     out_page: str | Path | None,
     threads: int = 1,
+    families: list[str] | None = None,
 ) -> dict[str, Any]:
     """The `top_examples` rule: stream codes, read tokens, SAE decoder and W_U; write outputs.
 
@@ -847,6 +848,7 @@ def run_top_examples(
             analysis=analysis,
             page_features=int(params["page_features"]),
             page_examples=int(params["page_examples"]),
+            families=families or [],
         )
     summary = {
         "n_tokens": int(index.attrs["n_tokens"]),

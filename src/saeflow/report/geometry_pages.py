@@ -105,8 +105,12 @@ def build_dashboard_page(
     page_features: int = 1024,
     page_examples: int = 10,
     n_tokens: int = 12,
+    families: list[str] = (),
 ) -> str:
     """SAEDashboard-style page: search (feature id / exact token), histogram, logits, examples.
+
+    `families` names feature_families analyses of this SAE: the page loads their
+    `families-{name}.links.js` and links a feature that heads a family to its tree.
 
     Every feature's record and its top `page_examples` examples are in `feat-{k}.js` shards (k =
     feature id // 64), the token index in `tok-{h}.js` (h = FNV-1a(token) % shards); the page
@@ -148,7 +152,15 @@ def build_dashboard_page(
         tok = data.keyed("tok", tokens, _n_token_shards(len(tokens)))
         if first is not None:
             data.eager.append(f"{data.base}/feat-{first // FEATURES_PER_SHARD}.js")
-        extra = {"data": data.meta, "feat": feat, "tok": tok, "top": top, "first": first}
+        extra = {
+            "data": data.meta,
+            "feat": feat,
+            "tok": tok,
+            "top": top,
+            "first": first,
+            "sae": str(analysis.get("sae", "")),
+            "families": [f"families-{name}.links.js" for name in families],
+        }
         name = analysis.get("name", "")
         sae = analysis.get("sae", "")
         title = f"Feature dashboards of SAE {sae} [{name}]"
@@ -192,6 +204,7 @@ def write_dashboard_page(
     analysis: dict[str, Any],
     page_features: int = 1024,
     page_examples: int = 10,
+    families: list[str] = (),
 ) -> Path:
     """Write the dashboard page and its shards atomically."""
     page = build_dashboard_page(
@@ -201,6 +214,7 @@ def write_dashboard_page(
         analysis=analysis,
         page_features=page_features,
         page_examples=page_examples,
+        families=families,
     )
     return write_page(path, page)
 

@@ -11,7 +11,42 @@ function geoEl(tag, text, cls) {
 function geoFmt(v) { return (v === null || v === undefined) ? "\u2014" : Number(v).toPrecision(4); }
 
 function dashboardPage() {
-  var D = EXTRA, meta = D.data;
+  var D = EXTRA, meta = D.data, familyLinks = [];
+
+  /* families-NAME.links.js files call this: link a feature that heads a family to its tree. */
+  window.saeflowFamilyLinks = function (links) {
+    familyLinks.push(links);
+    if (window.SAEFLOW_SHOWN !== undefined) { showFamilies(window.SAEFLOW_SHOWN); }
+  };
+  (D.families || []).forEach(function (src) {
+    var s = document.createElement("script");
+    s.src = src;
+    document.head.appendChild(s);
+  });
+
+  function showFamilies(id) {
+    var box = document.getElementById("geo-fam");
+    if (!box) { return; }
+    box.textContent = "";
+    function link(text, name, href) {
+      var p = geoEl("p", text), a = geoEl("a", name);
+      a.href = href;
+      p.appendChild(a);
+      box.appendChild(p);
+    }
+    familyLinks.forEach(function (links) {
+      if (links.sae === D.sae && links.parents.indexOf(id) >= 0) {
+        link("Splits into a family of " + links.child_sae + " features: ", links.name,
+          links.page + "#p" + id);
+      }
+      if (links.child_sae === D.sae) {
+        (links.children[String(id)] || []).forEach(function (parent) {
+          link("Child of " + links.sae + " feature " + parent + " in family ", links.name,
+            links.page + "#p" + parent);
+        });
+      }
+    });
+  }
 
   function feature(id) {
     if (id === null || id < 0 || id >= D.feat.n) { return Promise.resolve(null); }
@@ -53,6 +88,10 @@ function dashboardPage() {
     dash.appendChild(geoEl("h2", "Feature " + f.id));
     dash.appendChild(geoEl("p", "fires on " + f.n + " tokens (density " + geoFmt(f.d) +
       "), max " + geoFmt(f.mx) + ", mean when active " + geoFmt(f.mean)));
+    var fam = geoEl("div");
+    fam.id = "geo-fam";
+    dash.appendChild(fam);
+    showFamilies(f.id);
     var nb = (f.hc || []).length, w = nb ? (f.hh - f.hl) / nb : 1, xs = [];
     for (var i = 0; i < nb; i++) { xs.push(f.hl + (i + 0.5) * w); }
     var done = Plotly.react("plot", [{type: "bar", x: xs, y: f.hc, marker: {color: "#ff8c00"},
