@@ -305,6 +305,17 @@ def top_examples_inputs(wildcards):
     }
 
 
+def dashboard_families(wildcards):
+    """feature_families analyses whose match pairs this dashboard's SAE (the dashboard links to
+    the trees of its features through their links files)."""
+    sae = ANALYSES[wildcards.analysis]["sae"]
+    return sorted(
+        f["name"]
+        for f in analyses_of("feature_families")
+        if sae in (ANALYSES[f["match"]]["a"]["sae"], ANALYSES[f["match"]]["b"]["sae"])
+    )
+
+
 def geo_sae_params(wildcards):
     return canonical(sfc.sae_spec(config, ANALYSES[wildcards.analysis]["sae"]))
 

@@ -92,14 +92,3 @@ def steer_hookpoint(wildcards):
     return canonical(
         sfh.sae_hookpoint(config, ANALYSES[wildcards.analysis]["sae"]).as_dict()
     )
-
-
-def dashboard_families(wildcards):
-    """feature_families analyses whose match pairs this dashboard's SAE (the dashboard links to
-    the trees of its features through their links files)."""
-    sae = ANALYSES[wildcards.analysis]["sae"]
-    return sorted(
-        f["name"]
-        for f in analyses_of("feature_families")
-        if sae in (ANALYSES[f["match"]]["a"]["sae"], ANALYSES[f["match"]]["b"]["sae"])
-    )
