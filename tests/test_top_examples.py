@@ -277,6 +277,7 @@ def test_top_examples_script_end_to_end(tmp_path, monkeypatch):
             "model": {"path": str(model), "revision": None, "trust_remote_code": False},
             "sae": {"name": "s", "format": "saelens", "path": str(sae_dir)},
             "runtime": {"device": "cpu", "seed": 0},
+            "families": [],
         },
         log={"log": str(tmp_path / "logs/top.log")},
     )
@@ -338,6 +339,7 @@ def test_top_examples_script_end_to_end(tmp_path, monkeypatch):
             "model": {"path": str(model), "revision": None, "trust_remote_code": False},
             "sae": {"name": "s", "format": "saelens", "path": str(sae_dir)},
             "runtime": {"device": "cpu", "seed": 0},
+            "families": [],
         },
         log={"log": str(tmp_path / "logs/top.log")},
     )

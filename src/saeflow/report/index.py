@@ -109,8 +109,9 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 def write_site(
     pages: Sequence[str | os.PathLike], config: dict[str, Any] | None, site_dir: str | os.PathLike
 ) -> Path:
-    """One flat folder with index.html, every page, its shard folder and plotly.min.js (hard
-    links where possible)."""
+    """One flat folder with index.html, every page, its shard folder, its `{page}.*.js` sidecars
+    (e.g. families-NAME.links.js, which dashboards load) and plotly.min.js (hard links where
+    possible)."""
     names = [Path(p).name for p in pages]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes or "index.html" in names:
@@ -118,6 +119,8 @@ def write_site(
     with atomic_dir(site_dir) as tmp:
         for page in pages:
             _link_or_copy(Path(page), tmp / Path(page).name)
+            for sidecar in sorted(Path(page).parent.glob(f"{Path(page).stem}.*.js")):
+                _link_or_copy(sidecar, tmp / sidecar.name)
             shards = data_dir(page)
             if shards.is_dir():
                 shutil.copytree(
