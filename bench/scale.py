@@ -355,7 +355,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     elif stage == "page":
         import pandas as pd
 
-        from saeflow.geometry.pages import write_dashboard_page
+        from saeflow.report import write_dashboard_page
 
         rng = np.random.default_rng(0)
         f = n

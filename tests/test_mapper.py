@@ -22,7 +22,7 @@ from saeflow.geometry.mapper import (
     permute_columns,
     role_statistics,
 )
-from saeflow.geometry.pages import build_mapper_page
+from saeflow.report import build_mapper_page
 from saeflow.io import write_manifest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -26,7 +26,7 @@ from saeflow.mfa.init import (
 )
 from saeflow.mfa.interpret import run_mfa_interpret
 from saeflow.mfa.model import MFA, dense_log_prob_components, load_mfa, save_mfa
-from saeflow.mfa.page import run_report_mfa
+from saeflow.report import run_report_mfa
 
 CPU = torch.device("cpu")
 

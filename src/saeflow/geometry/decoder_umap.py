@@ -226,7 +226,7 @@ def run_decoder_umap(
     partners = partner_map(pd.concat(matches, ignore_index=True) if matches else None)
     write_embedding(emb, out_embedding)
     if out_page:
-        from saeflow.geometry.pages import write_decoder_umap_page
+        from saeflow.report import write_decoder_umap_page
 
         write_decoder_umap_page(out_page, emb, partners, analysis=analysis)
     summary = {"n_points": len(emb), "saes": {k: len(v) for k, v in decoders.items()}}

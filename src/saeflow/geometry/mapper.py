@@ -494,7 +494,7 @@ def run_mapper(
     write_json(out_graph, graph)
     write_json(out_baseline, base if base is not None else {"format": FORMAT, "baseline": "none"})
     if out_page:
-        from saeflow.geometry.pages import write_mapper_page
+        from saeflow.report import write_mapper_page
 
         write_mapper_page(out_page, graph, base, analysis=analysis)
     log.info(

@@ -611,7 +611,7 @@ def run_match_features(
     write_matches(table, out_matches)
     write_json(out_summary, summary)
     if out_page:
-        from saeflow.geometry.pages import write_match_page
+        from saeflow.report import write_match_page
 
         write_match_page(out_page, table, summary, analysis=analysis)
     log.info("match_features %s: %s", analysis.get("name"), summary)

@@ -839,7 +839,7 @@ def run_top_examples(
     write_examples(examples, out_examples)
     write_index(index, out_index)
     if out_page:
-        from saeflow.geometry.pages import write_dashboard_page
+        from saeflow.report import write_dashboard_page
 
         write_dashboard_page(
             out_page,
