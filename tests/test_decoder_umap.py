@@ -18,8 +18,8 @@ import torch
 from saeflow.errors import ConfigError, DataError
 from saeflow.geometry.decoder_umap import attach_tokens, partner_map, stack_decoders
 from saeflow.geometry.matching import match_features, matches_table, write_matches
-from saeflow.report import build_decoder_umap_page
 from saeflow.geometry.top_examples import compute_top_examples, write_index
+from saeflow.report import build_decoder_umap_page
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 XSS = "<img src=x onerror=alert(1)>"

@@ -22,8 +22,8 @@ from saeflow.geometry.mapper import (
     permute_columns,
     role_statistics,
 )
-from saeflow.report import build_mapper_page
 from saeflow.io import write_manifest
+from saeflow.report import build_mapper_page
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 CIRCLE = {"n_intervals": 8, "cluster_dims": 2, "eps": 0.15, "min_samples": 3}
