@@ -136,3 +136,29 @@ def write_tokens(path: str | os.PathLike, token_ids: list[list[int]]) -> Path:
     )
     pq.write_table(table, path, compression="zstd")
     return path
+
+
+def save_steer_llama(path: str | os.PathLike, d: int = 32, vocab: int = 64):
+    """A seeded 2-block Llama (untied head) with a tokenizer, saved in `path`, for the steering
+    tests; returns (model in eval mode, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    make_tokenizer(path, vocab=vocab)
+    model = LlamaForCausalLM.from_pretrained(str(path)).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))

@@ -20,34 +20,16 @@ from saeflow.mfa.steer import (
 from saeflow.models import layer_modules, splice_layer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fixtures_models import make_tokenizer  # noqa: E402
+from _fixtures_models import save_steer_llama  # noqa: E402
 
 D, VOCAB, LAYER = 32, 64, 0
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     path = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(path))
-    make_tokenizer(path, vocab=VOCAB)
-    model = LlamaForCausalLM.from_pretrained(str(path)).eval()
-    return path, model, AutoTokenizer.from_pretrained(str(path))
+    model, tokenizer = save_steer_llama(path, d=D, vocab=VOCAB)
+    return path, model, tokenizer
 
 
 def tiny_mfa(K: int = 3, R: int = 2) -> MFA:
