@@ -218,6 +218,18 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def done_shards(folder: Path) -> int:
+    """Shards an activation cache job has finished in `folder` (its progress file), 0 before."""
+    import json
+
+    from saeflow.io import PROGRESS
+
+    try:
+        return len(json.loads((folder / PROGRESS).read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def files_under(root: Path, pattern: str = "*") -> dict[str, bytes]:
     """relative path -> bytes of every file under `root` matching `pattern`."""
     return {

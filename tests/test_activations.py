@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _fixtures_models import make_tiny_model, write_tokens
+from conftest import done_shards
 
 from saeflow.activations import (
     PROGRESS,
@@ -271,13 +272,6 @@ cache_activations({"path": sys.argv[1]}, sys.argv[2], sys.argv[3], layer=1, batc
 """
 
 
-def _done_shards(out: Path) -> int:
-    try:
-        return len(json.loads((out / PROGRESS).read_text())["shards"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def test_sigkill_then_resume_is_byte_identical(tmp_path, models, tokens, caplog):
     """A run killed between shards resumes from its finished shards, to the same bytes."""
     model = str(models["gpt2"])
@@ -291,7 +285,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, models, tokens, caplog)
     )
     deadline = time.monotonic() + 300  # guards against a hang only; nothing is timed
     try:
-        while _done_shards(killed) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while done_shards(killed) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)
@@ -300,7 +294,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, models, tokens, caplog)
         proc.wait()
         proc.stderr.close()
     assert not (killed / "manifest.json").exists()
-    n_done = _done_shards(killed)
+    n_done = done_shards(killed)
     kw = {"layer": 1, "batch_size": 3, "fmt": "parquet", "shard_tokens": 12, "device": "cpu"}
     with caplog.at_level(logging.INFO, logger="saeflow"):
         m = cache_activations({"path": model}, tokens, killed, **kw)

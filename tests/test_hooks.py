@@ -18,11 +18,10 @@ import pytest
 import torch
 import yaml
 from _fixtures_models import make_tiny_model, tiny_config, write_tokens
-from conftest import TINY_DATA
+from conftest import TINY_DATA, done_shards
 from safetensors.torch import save_file
 
 from saeflow.activations import (
-    PROGRESS,
     TEST_DELAY_ENV,
     cache_activations,
     cache_hookpoints,
@@ -424,13 +423,6 @@ cache_hookpoints({"path": sys.argv[1]}, sys.argv[2], sys.argv[3], hps, batch_siz
 """
 
 
-def _done(folder: Path) -> int:
-    try:
-        return len(json.loads((folder / PROGRESS).read_text())["shards"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def test_multi_hook_kill_then_resume(tmp_path, llama, tokens, caplog):
     """One hook point cached earlier, more added, the job killed between shards: the resumed
     run skips what each hook point has, and every folder has the bytes of a clean run."""
@@ -448,7 +440,7 @@ def test_multi_hook_kill_then_resume(tmp_path, llama, tokens, caplog):
     watch = root / HPS[0].folder
     deadline = time.monotonic() + 300  # guards against a hang only; nothing is timed
     try:
-        while _done(watch) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while done_shards(watch) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)
@@ -456,7 +448,7 @@ def test_multi_hook_kill_then_resume(tmp_path, llama, tokens, caplog):
         proc.kill()
         proc.wait()
         proc.stderr.close()
-    n_done = {hp: _done(root / hp.folder) for hp in HPS}
+    n_done = {hp: done_shards(root / hp.folder) for hp in HPS}
     assert not (root / "manifest.json").exists(), "a killed job left the set manifest"
     with caplog.at_level(logging.INFO, logger="saeflow"):
         cache_hookpoints({"path": str(llama)}, tokens, root, HPS, **KW)
