@@ -368,7 +368,7 @@ def tokens(tmp_path_factory) -> Path:
 
 HPS = [HookPoint(2, "attn_z"), HookPoint(0, "resid_post"), HookPoint(1, "mlp_out"),
        HookPoint(1, "resid_pre"), HookPoint(0, "mlp_post")]  # fmt: skip
-KW = {"batch_size": 3, "fmt": "parquet", "shard_tokens": 20, "device": "cpu"}
+KW = {"batch_size": 3, "fmt": "parquet", "shard_tokens": 20, "device": "cpu", "threads": 1}
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -419,7 +419,7 @@ from saeflow.activations import cache_hookpoints
 from saeflow.hooks import HookPoint
 hps = [HookPoint(int(x.split(":")[0]), x.split(":")[1]) for x in sys.argv[4].split(",")]
 cache_hookpoints({"path": sys.argv[1]}, sys.argv[2], sys.argv[3], hps, batch_size=3,
-                 fmt="parquet", shard_tokens=20, device="cpu")
+                 fmt="parquet", shard_tokens=20, device="cpu", threads=1)
 """
 
 
